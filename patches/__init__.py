@@ -1,0 +1,1 @@
+"""The patches: one module per framework family, each defining PATCH (see shims.patch)."""

@@ -1,0 +1,101 @@
+"""The command line: `python -m shims {run,doctor,list,status} ...`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = """usage: python -m shims COMMAND [ARGS]
+
+commands:
+  run SCRIPT [ARGS...]      run SCRIPT as `python SCRIPT ARGS` would, with the patches enabled
+                            (processes it starts -- spawn children, DataLoader workers, torchrun workers -- too)
+  doctor SCRIPT [ARGS...]   run SCRIPT unchanged in observe-only mode (SHIMS_MODE=detect) and print what shims
+                            found at exit: each mistake, where, how often, its cost, and the fix
+  list                      every patch: target, supported versions, installed version, whether it would apply
+  help                      this text
+
+environment (read once, at start; a bad name or value is an error that names the valid choices):
+  SHIMS_PATCHES   all (default) | none | comma list of patch names
+  SHIMS_DISABLE   comma list of patch names to leave out
+  SHIMS_MODE      fix (default) | detect | off
+  SHIMS_STRICT    0 (default) | 1: a patch that cannot apply raises instead of being skipped
+  SHIMS_REPORT    path of the JSON receipt written at exit ({pid} is replaced by the process id)
+  SHIMS_LOG       DEBUG | INFO | WARNING | ERROR | CRITICAL: level of the `shims` logger (stderr)
+  SHIMS_<PATCH>_<OPTION>   per-patch options: `python -m shims list` shows them
+"""
+
+
+def _list(out=sys.stdout):
+    from shims import config, registry, versions
+    patches = registry.load()
+    try:
+        cfg = config.from_environment(patches)
+        why_off = cfg.why_off
+    except Exception as exc:  # noqa: BLE001 - list must still work with a broken environment, and say so
+        cfg, why_off = None, {}
+        out.write(f"note: the environment does not parse: {exc}\n\n")
+    for patch in patches:
+        options = cfg.options[patch.name] if cfg else {o.name: o.default for o in patch.options}
+        installed = versions.installed(patch.distribution) if patch.distribution else None
+        if why_off.get(patch.name):
+            would = f"no: {why_off[patch.name]}"
+        elif patch.distribution and installed is None:
+            would = f"no: {patch.distribution} is not installed here"
+        else:
+            verdict = versions.verdict(patch, installed)
+            would = f"no: {verdict[1]}" if verdict else "yes, when its target is imported (after a fingerprint check)"
+        out.write(f"{patch.name}: {patch.summary}\n")
+        out.write(f"  targets:    {', '.join(str(t) for t in patch.resolve_targets(options))}\n")
+        if patch.distribution:
+            out.write(f"  package:    {patch.distribution} (supported {patch.supported or 'any'}"
+                      f"{', fixed upstream in ' + patch.fixed_in if patch.fixed_in else ''}); installed: "
+                      f"{installed or 'not installed'}\n")
+        else:
+            out.write("  package:    user code (scripts and modules named by its options)\n")
+        out.write(f"  would apply: {would}\n")
+        for option in patch.options:
+            var = f"SHIMS_{patch.name.upper()}_{option.name}"
+            shown = options.get(option.name)
+            shown = ",".join(shown) if isinstance(shown, (list, tuple)) else shown
+            choices = f" [{' | '.join(option.choices)}]" if option.choices else ""
+            out.write(f"  {var}={shown}{choices}  {option.help}\n")
+        if patch.docs:
+            out.write(f"  docs:       {patch.docs}\n")
+        out.write("\n")
+    for name, problem in registry.broken().items():
+        out.write(f"{name}: BROKEN: {problem}\n\n")
+    return 0
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    from shims.errors import ShimsConfigError
+    try:
+        if command == "list":
+            return _list()
+        if command in ("run", "doctor"):
+            if not rest or rest[0].startswith("-"):
+                sys.stderr.write(f"shims {command}: expected a script path, got {rest[0] if rest else 'nothing'}\n"
+                                 f"usage: python -m shims {command} SCRIPT [ARGS...]\n")
+                return 2
+            if command == "doctor":
+                os.environ["SHIMS_MODE"] = "detect"
+                from shims import doctor
+                doctor.print_table_at_exit()
+            from shims import runner
+            runner.run_script(rest[0], rest[1:])
+            return 0
+    except ShimsConfigError as exc:
+        sys.stderr.write(f"shims: configuration error: {exc}\n")
+        return 2
+    sys.stderr.write(f"shims: unknown command {command!r}; valid: run, doctor, list, help\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

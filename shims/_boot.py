@@ -1,0 +1,24 @@
+"""Start shims from the environment (what `import shims.auto`, `python -m shims run` and child processes share)."""
+
+from __future__ import annotations
+
+
+def start(overrides=None):
+    """Parse the environment (plus `overrides`), enable the engine, return it. Raises ShimsConfigError on bad input,
+    before anything is patched."""
+    from shims import config, engine, registry
+    patches = registry.load()
+    cfg = config.from_environment(patches, overrides)
+    return engine.get().enable(cfg, patches)
+
+
+def script_frame():
+    """The module-level frame of the script that is importing shims (a __main__ or __mp_main__ script), or None."""
+    import sys
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_globals.get("__name__")
+        if frame.f_code.co_name == "<module>" and name in ("__main__", "__mp_main__"):
+            return frame
+        frame = frame.f_back
+    return None

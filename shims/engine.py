@@ -1,0 +1,302 @@
+"""The engine: applies the enabled patches when their targets appear, reverts them, and keeps the receipt.
+
+One engine per process (`get()`). `enable(config)` is idempotent: the same configuration twice changes nothing; a
+different one reverts the first. Every patch runs inside `_apply`, which catches everything: a failing patch is
+recorded and its target left as it was, unless strict mode asks for an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from shims import hooks
+from shims.errors import ShimsPatchError
+from shims.patch import MAIN, Context, Skip
+from shims.receipt import Receipt
+
+MAIN_MODULES = ("__main__", "__mp_main__")  # a script run directly, and the same script in a spawn child
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
+
+
+class _Applied:
+    """A replaced attribute: where it lives (object attribute or dict item), the original and the replacement."""
+
+    __slots__ = ("owner", "attr", "original", "replacement", "is_dict")
+
+    def __init__(self, owner, attr, original, replacement):
+        self.owner, self.attr, self.original, self.replacement = owner, attr, original, replacement
+        self.is_dict = isinstance(owner, dict)
+
+    def current(self):
+        if self.is_dict:
+            return self.owner.get(self.attr)
+        if isinstance(self.owner, type):
+            return self.owner.__dict__.get(self.attr)
+        return getattr(self.owner, self.attr, None)
+
+    def put(self, value):
+        if self.is_dict:
+            self.owner[self.attr] = value
+        else:
+            setattr(self.owner, self.attr, value)
+
+
+def _lookup(owner, attr):
+    """The attribute as stored (a class's staticmethod stays a staticmethod), or AttributeError."""
+    if isinstance(owner, type) and attr in owner.__dict__:
+        return owner.__dict__[attr]
+    return getattr(owner, attr)
+
+
+class Engine:
+    def __init__(self):
+        self.config = None
+        self.registry = ()
+        self.receipt = Receipt()
+        self.applied = {}  # (patch name, Target) -> _Applied
+        self.active = False
+        self._targets = {}  # module name -> [(patch, target)] for the enabled patches
+        self._main_targets = []  # [(patch, target)] whose module is MAIN
+        self._main_tried = {}  # (patch name, target) -> the script function last handled
+        self._reverts = []
+        self._lock = threading.RLock()
+        self._exit_registered = False
+        self._watches = []
+
+    # ---------------------------------------------------------------- enable / disable
+
+    def enable(self, config, registry):
+        with self._lock:
+            if self.active and config == self.config:
+                return self
+            if self.active:
+                self.disable()
+            from shims import _log, registry as registry_module
+            _log.set_level(config.log)
+            self.config, self.registry, self.active = config, registry, True
+            self.receipt.mode, self.receipt.strict = config.mode, config.strict
+            self._targets, self._main_targets = {}, []
+            for name, problem in registry_module.broken().items():
+                rec = self.receipt.record(name)
+                rec.target(f"shims.patches.{name}", "error", f"patch module failed to import: {problem}")
+                if config.strict:
+                    raise ShimsPatchError(f"shims patch {name!r} failed to import: {problem}")
+            for patch in registry:
+                rec = self.receipt.record(patch.name, summary=patch.summary, docs=patch.docs,
+                                          distribution=patch.distribution)
+                rec.disabled_reason = config.why_off.get(patch.name)
+                if rec.disabled_reason is not None:
+                    continue
+                for target in patch.resolve_targets(config.options[patch.name]):
+                    if str(target) not in rec.targets:
+                        rec.target(target, "not-imported")
+                    if target.module == MAIN:
+                        self._main_targets.append((patch, target))
+                    else:
+                        self._targets.setdefault(target.module, []).append((patch, target))
+            if not self._exit_registered:
+                import atexit
+                atexit.register(self._at_exit)
+                self._exit_registered = True
+            if config.mode == "detect":
+                self._targets.setdefault("torch", [])
+            for module_name in list(self._targets):
+                hooks.when_imported(module_name, self._on_import)
+            if config.patches or config.mode == "detect":
+                from shims import config as config_module
+                config_module.export_for_children(config, BOOTSTRAP_DIR)
+            return self
+
+    def disable(self):
+        """Put every replaced attribute back (`is` the original again) and stop reacting to imports."""
+        with self._lock:
+            if not self.active:
+                return
+            self.active = False
+            hooks.forget(self._on_import)
+            for watch in self._watches:
+                watch.stop()
+            self._watches = []
+            for callback in reversed(self._reverts):
+                try:
+                    callback()
+                except Exception as exc:  # noqa: BLE001
+                    self._log().warning("a revert callback failed: %s", exc)
+            self._reverts = []
+            for (name, target), applied in reversed(list(self.applied.items())):
+                rec = self.receipt.record(name)
+                if applied.current() is applied.replacement:
+                    applied.put(applied.original)
+                    rec.target(target, "reverted", "shims.disable() restored the original")
+                else:
+                    rec.target(target, "reverted", "left alone: something else replaced it after shims did")
+            self.applied = {}
+            self._main_tried = {}
+            from shims import config as config_module
+            config_module.withdraw_from_children(BOOTSTRAP_DIR)
+
+    # ---------------------------------------------------------------- applying
+
+    def _on_import(self, module):
+        with self._lock:
+            if not self.active:
+                return
+            if module.__name__ == "torch" and self.config.mode == "detect":
+                self._install_detectors()
+            for patch, target in self._targets.get(module.__name__, ()):
+                self._apply(patch, target, module, module, target.qualname)
+
+    def apply_in_namespace(self, namespace, module_label):
+        """Apply MAIN targets to a script's globals (called by the script watcher). Returns the names still pending."""
+        with self._lock:
+            if not self.active:
+                return set()
+            pending = set()
+            for patch, target in self._main_targets:
+                if "." in target.qualname or target.qualname not in namespace:
+                    pending.add(target.qualname)
+                    continue
+                current = namespace[target.qualname]
+                tried = self._main_tried.get((patch.name, target))
+                if tried is not None and (current is tried or getattr(current, "__shims_original__", None) is tried):
+                    continue  # already handled (applied or skipped) for this very function object
+                self._main_tried[(patch.name, target)] = current
+                self.applied.pop((patch.name, target), None)  # a redefinition replaces the earlier one
+                self._apply(patch, target, None, namespace, target.qualname, label=module_label)
+            return pending
+
+    def main_names(self):
+        return {t.qualname for _, t in self._main_targets}
+
+    def _apply(self, patch, target, module, owner, qualname, label=None):
+        key = (patch.name, target)
+        if key in self.applied:
+            return
+        rec = self.receipt.record(patch.name)
+        shown = target if label is None else f"{label}:{target.qualname}"
+        if label is not None and str(target) in rec.targets and rec.targets[str(target)]["status"] == "not-imported":
+            del rec.targets[str(target)]
+        try:
+            *path, attr = qualname.split(".") if not isinstance(owner, dict) else (qualname,)
+            for part in path:
+                owner = getattr(owner, part)
+            try:
+                original = owner[attr] if isinstance(owner, dict) else _lookup(owner, attr)
+            except (AttributeError, KeyError):
+                raise Skip(f"{target.module} has no attribute {qualname!r}") from None
+            if getattr(original, "__shims_original__", None) is not None:
+                rec.target(shown, "applied", "already patched (by an earlier shims engine)")
+                return
+            if patch.distribution:
+                from shims import versions
+                rec.version = versions.installed(patch.distribution)
+                verdict = versions.verdict(patch, rec.version)
+                if verdict is not None:
+                    raise Skip(verdict[1], status=verdict[0])
+            if patch.fingerprint is not None:
+                drift = patch.fingerprint(original)
+                if drift:
+                    raise Skip(f"fingerprint: {drift}")
+            replace = patch.replace if self.config.mode == "fix" else patch.detect
+            if replace is None:
+                raise Skip("this patch has no observe-only mode", status="skipped-benign")
+            ctx = Context(patch, target, self.config.options[patch.name], self.config.mode, self.config.strict, rec,
+                          module, self._reverts)
+            replacement = replace(original, ctx)
+            if replacement is not None and replacement is not original:
+                try:
+                    replacement.__shims_original__ = original
+                except (AttributeError, TypeError):
+                    pass
+                applied = _Applied(owner, attr, original, replacement)
+                applied.put(replacement)
+                self.applied[key] = applied
+            rec.target(shown, "applied", "observing" if self.config.mode == "detect" else "")
+            self._log().info("%s: applied to %s", patch.name, shown)
+        except Skip as skip:
+            status = "skipped" if skip.status == "skipped-benign" else skip.status
+            rec.target(shown, status, str(skip))
+            self._log().info("%s: %s %s: %s", patch.name, status, shown, skip)
+            if self.config.strict and skip.status == "skipped":
+                raise ShimsPatchError(f"shims patch {patch.name!r} could not apply to {shown}: {skip} "
+                                      "(SHIMS_STRICT=1; set SHIMS_STRICT=0 to skip it instead)") from None
+        except Exception as exc:  # noqa: BLE001 - never crash the user's import or training
+            rec.target(shown, "error", f"{type(exc).__name__}: {exc}")
+            self._log().warning("%s: failed on %s, left unpatched: %s: %s", patch.name, shown,
+                                type(exc).__name__, exc)
+            if self.config.strict:
+                raise ShimsPatchError(f"shims patch {patch.name!r} failed on {shown}: {type(exc).__name__}: "
+                                      f"{exc}") from exc
+
+    def _install_detectors(self):
+        """Generic detectors of the observe-only mode (shims.detectors), installed once torch is imported."""
+        try:
+            import importlib
+            detectors = importlib.import_module("shims.detectors")
+        except ModuleNotFoundError:
+            return
+        try:
+            revert = detectors.install(self)
+            if revert is not None:
+                self._reverts.append(revert)
+        except Exception as exc:  # noqa: BLE001
+            rec = self.receipt.record("detect")
+            rec.target("torch:detectors", "error", f"{type(exc).__name__}: {exc}")
+            if self.config.strict:
+                raise
+
+    # ---------------------------------------------------------------- scripts
+
+    def watch_script(self, path=None, frame=None):
+        """Reach MAIN targets in a script: apply them as soon as the script's module code defines them."""
+        with self._lock:
+            if not self.active or not self._main_targets:
+                return None
+            from shims import mainwatch
+            watch = mainwatch.start(self, path=path, frame=frame)
+            if watch is not None:
+                self._watches.append(watch)
+            return watch
+
+    # ---------------------------------------------------------------- exit
+
+    def _log(self):
+        from shims._log import logger
+        return logger()
+
+    def _at_exit(self):
+        try:
+            if self.config is None:
+                return
+            log = self._log()
+            for line in self.receipt.summary_lines():
+                log.info("receipt: %s", line)
+            path = self.report_path()
+            if path:
+                self.receipt.write(path)
+        except Exception as exc:  # noqa: BLE001 - never fail the user's exit
+            sys.stderr.write(f"[shims] could not write the receipt: {exc}\n")
+
+    def report_path(self):
+        path = self.config.report if self.config else None
+        if not path:
+            return None
+        from shims import config as config_module
+        if "{pid}" in path:
+            return path.replace("{pid}", str(os.getpid()))
+        if config_module.is_child():
+            root, ext = os.path.splitext(path)
+            return f"{root}.{os.getpid()}{ext}"
+        return path
+
+
+_ENGINE = None
+
+
+def get():
+    global _ENGINE
+    if _ENGINE is None:
+        _ENGINE = Engine()
+    return _ENGINE

@@ -1,0 +1,137 @@
+"""What a patch is: one small declarative shape, shared by every module in `shims.patches`.
+
+A patch names the attributes it replaces (`Target`: a module and a qualified name inside it), the distribution whose
+version decides whether it applies, and one function, `replace(original, ctx)`, that returns the object to put in the
+original's place. The engine (`shims.engine`) does the rest: it waits for the target module to be imported, checks the
+version and the fingerprint, swaps the attribute, remembers the original for `shims.disable()`, and writes the receipt.
+
+This module is imported by `import shims.auto`, so it imports nothing beyond the standard library's cheapest parts.
+"""
+
+from __future__ import annotations
+
+MAIN = "__main__"  # a Target in the script being run; also matched in multiprocessing spawn children (__mp_main__)
+
+
+class Skip(Exception):
+    """Raised by `replace` / `detect` to leave a target untouched; the message is the receipt's reason.
+
+    status: "skipped" (could not apply: strict mode raises) or "fixed-upstream" (nothing to fix: never raises).
+    """
+
+    def __init__(self, reason, status="skipped"):
+        super().__init__(reason)
+        self.status = status
+
+
+class Option:
+    """A per-patch setting read from `SHIMS_<PATCH>_<NAME>` (validated in `shims.config`).
+
+    kind: "choice" (one of `choices`), "list" (comma-separated words), "sites" (comma-separated `module:function`),
+    "str" (any text), "int" (an integer).
+    """
+
+    __slots__ = ("name", "kind", "choices", "default", "help")
+
+    def __init__(self, name, kind="choice", *, default=None, choices=(), help=""):
+        if kind not in ("choice", "list", "sites", "str", "int"):
+            raise ValueError(f"Option kind {kind!r} is not one of choice, list, sites, str, int")
+        self.name, self.kind, self.choices, self.default, self.help = name.upper(), kind, tuple(choices), default, help
+
+
+class Target:
+    """One attribute a patch replaces: `qualname` ("func" or "Class.method") inside module `module`.
+
+    `module` may be `MAIN` for functions defined in the script being run (and in its spawn children).
+    """
+
+    __slots__ = ("module", "qualname")
+
+    def __init__(self, module, qualname):
+        self.module, self.qualname = module, qualname
+
+    def __repr__(self):
+        return f"{self.module}:{self.qualname}"
+
+    def __eq__(self, other):
+        return isinstance(other, Target) and (self.module, self.qualname) == (other.module, other.qualname)
+
+    def __hash__(self):
+        return hash((self.module, self.qualname))
+
+
+class Patch:
+    """The declaration of one patch. Immutable once built.
+
+    name          short lower-case name used in SHIMS_PATCHES / SHIMS_DISABLE and as the options' prefix
+    summary       one line: the mistake it fixes
+    targets       a tuple of `Target`, or a function `options -> tuple of Target` when the options decide them
+    replace       `replace(original, ctx) -> replacement` (may raise `Skip`); the heart of the patch
+    distribution  the installed distribution whose version matters (None for user code, e.g. scripts)
+    supported     PEP 440 specifier of the versions the patch was written for ("" = any)
+    fixed_in      first version where upstream fixed the bug: at or above it the patch says "fixed upstream"
+    fingerprint   `fingerprint(original) -> None | str`: a reason to refuse when the target is not what we expect
+    detect        `detect(original, ctx) -> None | replacement`: observe-only variant used when SHIMS_MODE=detect
+    options       tuple of `Option`
+    docs          path of the patch's documentation page in the repository
+    """
+
+    __slots__ = ("name", "summary", "targets", "replace", "distribution", "supported", "fixed_in", "fingerprint",
+                 "detect", "options", "docs", "upstream")
+
+    def __init__(self, *, name, summary, targets, replace, distribution=None, supported="", fixed_in=None,
+                 fingerprint=None, detect=None, options=(), docs="", upstream=""):
+        if not name.isidentifier() or name.lower() != name:
+            raise ValueError(f"patch name {name!r} must be a lower-case identifier")
+        values = dict(name=name, summary=summary, targets=targets, replace=replace, distribution=distribution,
+                      supported=supported, fixed_in=fixed_in, fingerprint=fingerprint, detect=detect,
+                      options=tuple(options), docs=docs, upstream=upstream)
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"Patch {self.name!r} is immutable")
+
+    def resolve_targets(self, options):
+        """The targets for these option values (a tuple of Target)."""
+        targets = self.targets(options) if callable(self.targets) else self.targets
+        return tuple(targets)
+
+    def __repr__(self):
+        return f"<Patch {self.name}>"
+
+
+class Context:
+    """What `replace` / `detect` get besides the original: where they are, the options, and the receipt to write to.
+
+    ctx.count(name, n)    add to a counter shown in the receipt (thread-safe; cheap enough for a training step)
+    ctx.note(text)        a line in the receipt for this target
+    ctx.finding(...)      an observation for the observe-only mode (see shims.receipt.PatchRecord.finding)
+    ctx.options           this patch's options, e.g. ctx.options["FUNCTIONS"]
+    ctx.target, ctx.mode  the Target being replaced, and "fix" or "detect"
+    ctx.strict            whether SHIMS_STRICT is on (a patch's own runtime fallbacks should raise instead)
+    ctx.on_revert(fn)     call fn() at shims.disable(), for state a patch keeps beyond the replaced attribute
+    """
+
+    __slots__ = ("patch", "target", "options", "mode", "strict", "record", "module", "_reverts")
+
+    def __init__(self, patch, target, options, mode, strict, record, module, reverts=None):
+        self.patch, self.target, self.options, self.mode = patch, target, options, mode
+        self.strict, self.record, self.module = strict, record, module
+        self._reverts = reverts if reverts is not None else []
+
+    def on_revert(self, callback):
+        self._reverts.append(callback)
+
+    def count(self, name, n=1):
+        self.record.count(name, n)
+
+    def note(self, text):
+        self.record.note(f"{self.target}: {text}")
+
+    def finding(self, kind, message, *, where=None, cost=None, fix=None, count=1):
+        return self.record.finding(kind, message, where=where, cost=cost, fix=fix, count=count)
+
+    def logger(self):
+        from shims._log import logger
+        return logger()

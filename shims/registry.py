@@ -1,0 +1,38 @@
+"""The one place that knows the list of patches. Each module in `shims.patches` defines `PATCH` (a shims.patch.Patch).
+
+Patch modules import only `shims.patch` at module level (their heavy imports live inside functions), so loading the
+registry is cheap enough for `import shims.auto`.
+"""
+
+from __future__ import annotations
+
+PATCH_MODULES = (
+    "doctr",        # duplicate forward in fit_one_epoch (doctr #1861, fixed by #1862)
+    "detr",         # model.half() in fp16_eval evaluation (RF-DETR <= 1.5, LW-DETR)
+    "ddp",          # find_unused_parameters=True policy (DAMO-YOLO, any DDP)
+    "colossalai",   # gradient-reduction tensor hooks fired by autograd.grad (ColossalAI #5601)
+)
+
+_LOADED = None
+_BROKEN = {}  # name -> "ExceptionType: message" for patch modules that failed to import
+
+
+def load():
+    """The tuple of Patch declarations, in the order above. A module that fails to import is left out and reported
+    (`broken()`), so one bad patch never takes the others down."""
+    global _LOADED
+    if _LOADED is None:
+        import importlib
+        patches = []
+        for name in PATCH_MODULES:
+            try:
+                patches.append(importlib.import_module(f"shims.patches.{name}").PATCH)
+            except Exception as exc:  # noqa: BLE001 - recorded in the receipt, raised in strict mode
+                _BROKEN[name] = f"{type(exc).__name__}: {exc}"
+        _LOADED = tuple(patches)
+    return _LOADED
+
+
+def broken():
+    load()
+    return dict(_BROKEN)

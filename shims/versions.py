@@ -1,0 +1,32 @@
+"""Installed versions from package metadata (never by importing the package) and PEP 440 range checks."""
+
+from __future__ import annotations
+
+
+def installed(distribution):
+    """The installed version of `distribution`, or None when it is not installed."""
+    from importlib import metadata
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def verdict(patch, version):
+    """(status, reason) when the patch must not apply to this version, else None.
+
+    status is "fixed-upstream" (at or above `fixed_in`) or "skipped" (outside `supported`).
+    """
+    if version is None:
+        return None
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+    try:
+        parsed = Version(version)
+    except InvalidVersion:
+        return ("skipped", f"{patch.distribution} version {version!r} is not a PEP 440 version")
+    if patch.fixed_in and parsed >= Version(patch.fixed_in):
+        return ("fixed-upstream", f"{patch.distribution} {version} >= {patch.fixed_in}, where upstream fixed it")
+    if patch.supported and parsed not in SpecifierSet(patch.supported):
+        return ("skipped", f"{patch.distribution} {version} is outside the supported range {patch.supported}")
+    return None
