@@ -274,10 +274,19 @@ class Engine:
             for line in self.receipt.summary_lines():
                 log.info("receipt: %s", line)
             path = self.report_path()
-            if path:
+            from shims import config as config_module
+            if path and (not config_module.is_child() or self._did_anything()):
                 self.receipt.write(path)
         except Exception as exc:  # noqa: BLE001 - never fail the user's exit
             sys.stderr.write(f"[shims] could not write the receipt: {exc}\n")
+
+    def _did_anything(self):
+        """A child that reached no target (a resource tracker, an idle worker) writes no report of its own."""
+        for rec in self.receipt.records.values():
+            if rec.counters or rec.findings or any(t["status"] not in ("not-imported", "disabled")
+                                                   for t in rec.targets.values()):
+                return True
+        return False
 
     def report_path(self):
         path = self.config.report if self.config else None
@@ -300,3 +309,13 @@ def get():
     if _ENGINE is None:
         _ENGINE = Engine()
     return _ENGINE
+
+
+def reset():
+    """Disable and forget everything (a fresh engine and receipt). For tests; a user wants shims.disable()."""
+    global _ENGINE
+    if _ENGINE is not None:
+        _ENGINE.disable()
+    from shims import mainwatch
+    mainwatch._WATCHED.clear()
+    _ENGINE = None

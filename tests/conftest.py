@@ -1,0 +1,65 @@
+"""Shared test fixtures: a clean shims engine per test, and a bounded subprocess runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+PYTHON = sys.executable
+# helper modules in tests/ are importable both as `tests.x` and as top-level `x`
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+
+
+@pytest.fixture(autouse=True)
+def clean_shims(monkeypatch):
+    """Every test starts and ends with shims disabled, no SHIMS_* variables and no bootstrap on PYTHONPATH."""
+    for key in list(os.environ):
+        if key.startswith("SHIMS_"):
+            monkeypatch.delenv(key, raising=False)
+    from shims import engine
+    engine.reset()
+    saved_pythonpath = os.environ.get("PYTHONPATH")
+    yield
+    engine.reset()
+    for key in list(os.environ):
+        if key.startswith("SHIMS_"):
+            os.environ.pop(key, None)
+    if saved_pythonpath is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved_pythonpath
+
+
+def clean_env(**extra):
+    """os.environ without SHIMS_* and the shims bootstrap (PYTHONPATH = repo and tests/), plus `extra` (values
+    converted to str)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIMS_") and not k.startswith("PYTEST_")}
+    env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS])  # never the shims bootstrap: a child starts clean
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_python(args, *, env=None, cwd=None, timeout=180, check=True):
+    """Run `python ARGS` in a subprocess with a hard timeout (tests must never hang CI). Returns CompletedProcess."""
+    proc = subprocess.run([PYTHON, *args], env=env if env is not None else clean_env(), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def write(path, text):
+    """Write dedented `text` to `path` (creating folders); returns the path as str."""
+    os.makedirs(os.path.dirname(str(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(textwrap.dedent(text).lstrip("\n"))
+    return str(path)
