@@ -1,0 +1,342 @@
+"""colossalai: reduce each accumulated gradient once, never when torch.autograd.grad runs (ColossalAI #5601).
+
+Targets  ColossalAI's ZeRO gradient-reduction hooks, registered with `param.register_hook` (a tensor hook):
+         - LowLevelZeroOptimizer (colossalai/zero/low_level/low_level_optim.py), 0.3.1 to 0.3.6:
+           `_attach_reduction_hook` and `zero_grad`. Fixed upstream by PR #5596 (commit 3788fefc, first release
+           0.3.7): skipped there as "fixed upstream". 0.3.0 and the 0.2.x sharded_optim had another shape: left
+           alone, the receipt says why.
+         - GeminiDDP (colossalai/zero/gemini/gemini_ddp.py), every version up to 0.5.0: `grad_handle`.
+Bug      A tensor hook also fires for `torch.autograd.grad(loss, param)`, which never writes `param.grad`. VQGAN/VAE
+         losses compute an adaptive weight that way, twice per step, before the real backward (taming-transformers).
+         LowLevelZero then queues the parameter in its reduction bucket without a gradient: the flush crashes on
+         `None`, or reduces the same gradient twice. Gemini runs its whole reduction inside the hook and returns a
+         freed tensor: the autograd.grad caller gets that tensor back, or the hook raises on the chunk state.
+Fix      LowLevelZero, as PR #5596 did: a post-accumulate-grad hook instead (it fires once per backward, after
+         `.grad` is updated, and never for autograd.grad), and `zero_grad()` empties the bucket store.
+         Gemini (no upstream fix): its tensor hook lets the gradient pass through untouched and defers the reduction
+         to the post-accumulate-grad hook of the same backward (`shims.gradhooks.defer_until_accumulated`), so
+         autograd.grad callers get the real gradient and reduction happens in backward only.
+The work: `reduce_after_accumulation(original, ctx)`, which picks one of the three replacements below.
+Detect mode (`observe_hook_firings`) counts hook firings outside backward and repeated within one; changes nothing.
+Instances built while patched keep their hooks after shims.disable() (the class attributes are restored).
+Docs: docs/patches/colossalai.md (hook semantics table, versions, how it is verified).
+"""
+
+from shims.patch import Patch, Skip, Target
+
+LOW_LEVEL_MODULE = "colossalai.zero.low_level.low_level_optim"
+GEMINI_MODULE = "colossalai.zero.gemini.gemini_ddp"
+LOW_LEVEL_SUPPORTED = ">=0.3.1,<0.3.7"  # 0.3.1-0.3.6: `_grad_handler(self, param, group_id, grad)` via register_hook
+LOW_LEVEL_FIXED_IN = "0.3.7"  # PR #5596, commit 3788fefc
+
+ATTACH = "LowLevelZeroOptimizer._attach_reduction_hook"
+ZERO_GRAD = "LowLevelZeroOptimizer.zero_grad"
+GEMINI_HOOK = "GeminiDDP.grad_handle"
+
+TARGETS = (Target(LOW_LEVEL_MODULE, ATTACH), Target(LOW_LEVEL_MODULE, ZERO_GRAD), Target(GEMINI_MODULE, GEMINI_HOOK))
+
+
+def _function(original):
+    return original.__func__ if isinstance(original, (staticmethod, classmethod)) else original
+
+
+def _where(original):
+    code = getattr(_function(original), "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code is not None else None
+
+
+def _source(func):
+    import inspect
+    try:
+        return inspect.getsource(func)
+    except (OSError, TypeError) as exc:
+        raise Skip(f"cannot read the source of {getattr(func, '__qualname__', func)!r}: {exc}") from None
+
+
+def fingerprint(original):
+    """None when `original` has the shape this patch was written for, else why not (or Skip: fixed upstream)."""
+    import inspect
+    func = _function(original)
+    name = getattr(func, "__name__", "")
+    if name == "_attach_reduction_hook":
+        source = _source(func)
+        if "register_post_accumulate_grad_hook" in source:
+            raise Skip("_attach_reduction_hook already registers post-accumulate-grad hooks (upstream PR #5596)",
+                       status="fixed-upstream")
+        if ".register_hook(" not in source or "self._grad_handler" not in source:
+            return "_attach_reduction_hook does not register self._grad_handler with param.register_hook"
+        return None
+    if name == "zero_grad":
+        if "reset_all" in _source(func):
+            raise Skip("zero_grad already resets the bucket store (upstream PR #5596)", status="fixed-upstream")
+        return None
+    if name == "grad_handle":
+        params = inspect.signature(func).parameters
+        if "p" not in params or "grad" not in params:
+            return f"grad_handle{inspect.signature(func)} has no `p` and `grad` parameters"
+        return None
+    return f"unexpected target {getattr(func, '__qualname__', func)!r}"
+
+
+def _low_level_checks(ctx):
+    """Skip LowLevelZero targets outside 0.3.1-0.3.6, or whose class lacks the methods the replacement calls."""
+    from shims import versions
+    version = versions.installed("colossalai")
+    if version is not None:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+        try:
+            parsed = Version(version)
+        except InvalidVersion:
+            raise Skip(f"colossalai version {version!r} is not a PEP 440 version") from None
+        if parsed >= Version(LOW_LEVEL_FIXED_IN):
+            raise Skip(f"colossalai {version} >= {LOW_LEVEL_FIXED_IN}: LowLevelZeroOptimizer uses post-accumulate-grad "
+                       "hooks since PR #5596", status="fixed-upstream")
+        if parsed not in SpecifierSet(LOW_LEVEL_SUPPORTED):
+            raise Skip(f"colossalai {version} is outside {LOW_LEVEL_SUPPORTED}, the LowLevelZeroOptimizer shape this "
+                       "patch was written for")
+    import inspect
+    cls = getattr(ctx.module, "LowLevelZeroOptimizer", None)
+    handler = getattr(cls, "_grad_handler", None)
+    if handler is None or list(inspect.signature(handler).parameters) != ["self", "param", "group_id", "grad"]:
+        raise Skip("LowLevelZeroOptimizer._grad_handler is not `(self, param, group_id, grad)`")
+    for needed in ("_add_to_bucket", "num_param_groups"):
+        if not hasattr(cls, needed):
+            raise Skip(f"LowLevelZeroOptimizer has no {needed!r}")
+
+
+def _gemini_checks(ctx):
+    """Skip when GeminiDDP no longer registers grad_handle as a tensor hook (an upstream fix would change that)."""
+    cls = getattr(ctx.module, "GeminiDDP", None)
+    source = _source(getattr(cls, "__init__", None))
+    if "register_post_accumulate_grad_hook" in source:
+        raise Skip("GeminiDDP registers post-accumulate-grad hooks already", status="fixed-upstream")
+    if ".register_hook(" not in source or "grad_handle" not in source:
+        raise Skip("GeminiDDP.__init__ does not register grad_handle with param.register_hook")
+
+
+# ---------------------------------------------------------------- fix mode
+
+def reduce_after_accumulation(original, ctx):
+    """The replacement for one target: a hook that fires once per accumulated gradient (see the module docstring)."""
+    qualname = ctx.target.qualname
+    if qualname == ATTACH:
+        _low_level_checks(ctx)
+        return attach_post_accumulate_hooks(original, ctx)
+    if qualname == ZERO_GRAD:
+        _low_level_checks(ctx)
+        return zero_grad_emptying_bucket(original, ctx)
+    if qualname == GEMINI_HOOK:
+        _gemini_checks(ctx)
+        return defer_gemini_reduction(original, ctx)
+    raise Skip(f"no replacement for {qualname!r}")
+
+
+def attach_post_accumulate_hooks(original, ctx):
+    """`_attach_reduction_hook` as PR #5596 changed it: the same parameters, each with a post-accumulate-grad hook."""
+    from functools import partial
+
+    from shims import gradhooks
+    record = ctx.record
+
+    def hand_gradient_to_colossalai(optimizer, group_id, param):
+        record.count("post_accumulate_hook_calls")
+        # upstream's own handler: it checks no_sync (require_grad_sync) and appends the parameter to the bucket
+        optimizer._grad_handler(param, group_id, param.grad)
+
+    def _attach_reduction_hook(self):
+        handles = []
+        try:
+            for group_id in range(self.num_param_groups):
+                for param in self._working_param_groups[group_id]:
+                    if param.requires_grad:
+                        hook = partial(hand_gradient_to_colossalai, self, group_id)
+                        handles.append(gradhooks.register_reduction_hook(param, hook))
+        except Exception as exc:  # noqa: BLE001 - fall back to upstream's tensor hooks rather than break training
+            for handle in handles:
+                handle.remove()
+            if ctx.strict:
+                raise
+            record.count("fallbacks_to_tensor_hooks")
+            ctx.note(f"fell back to upstream's tensor hooks: {type(exc).__name__}: {exc}")
+            return original(self)
+        record.count("post_accumulate_hooks_attached", len(handles))
+        return None
+
+    _attach_reduction_hook.__doc__ = "shims: post-accumulate-grad hooks instead of tensor hooks (ColossalAI PR #5596)"
+    return _attach_reduction_hook
+
+
+def _empty_bucket_store(optimizer):
+    store = optimizer._bucket_store
+    if hasattr(store, "reset_all"):
+        store.reset_all()
+    else:
+        # 0.3.1-0.3.6 have no reset_all; their BucketStore.__init__ is exactly the empty state (0.3.7 split it out)
+        type(store).__init__(store, optimizer.dp_pg)
+
+
+def zero_grad_emptying_bucket(original, ctx):
+    """`zero_grad` followed by emptying the bucket store, as PR #5596 added: parameters queued before zero_grad
+    would otherwise be flushed with `.grad = None`."""
+    from functools import wraps
+
+    @wraps(original)
+    def zero_grad(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        _empty_bucket_store(self)
+        return result
+
+    return zero_grad
+
+
+def defer_gemini_reduction(original, ctx):
+    """GeminiDDP's tensor hook, made a pass-through that hands the reduction to the post-accumulate-grad hook.
+
+    The tensor hook cannot tell backward from torch.autograd.grad; the post-accumulate-grad hook fires in backward
+    only, right after the same AccumulateGrad node, in the same graph task (see shims.gradhooks). So the tensor hook
+    arms the reduction, and `reduce_accumulated` runs Gemini's own handler on the accumulated `param.grad`.
+    """
+    import inspect
+    from functools import partial
+
+    from shims import gradhooks
+    func = _function(original)
+    signature = inspect.signature(func)
+    record = ctx.record
+
+    def reduce_accumulated(arguments, param):
+        arguments["grad"] = param.grad
+        bound = inspect.BoundArguments(signature, arguments)
+        func(*bound.args, **bound.kwargs)
+        # the gradient now lives in Gemini's chunk; upstream left a freed tensor in .grad until _post_backward
+        param.grad = None
+        record.count("gradients_reduced")
+
+    def grad_handle(*args, **kwargs):
+        record.count("tensor_hook_calls")
+        try:
+            bound = signature.bind(*args, **kwargs)
+            param = bound.arguments["p"]
+            arguments = dict(bound.arguments)
+            arguments["grad"] = None  # the deferred work must not keep this firing's gradient alive
+            gradhooks.defer_until_accumulated(param, partial(reduce_accumulated, arguments))
+        except Exception as exc:  # noqa: BLE001 - fall back to upstream's behaviour rather than break training
+            if ctx.strict:
+                raise
+            record.count("fallbacks_to_tensor_hook")
+            ctx.note(f"ran upstream's tensor hook instead: {type(exc).__name__}: {exc}")
+            return func(*args, **kwargs)
+        return None  # the gradient passes through untouched: an autograd.grad caller gets the real one
+
+    grad_handle.__doc__ = "shims: Gemini's reduction deferred to the post-accumulate-grad hook (ColossalAI #5601)"
+    grad_handle.__qualname__ = func.__qualname__
+    return staticmethod(grad_handle) if isinstance(original, staticmethod) else grad_handle
+
+
+# ---------------------------------------------------------------- detect mode
+
+def _audit(ctx, original):
+    from shims import gradhooks
+    where = _where(original)
+
+    def outside_backward(param, n):
+        ctx.count("hook_calls_outside_backward", n)
+        ctx.finding("hook-outside-backward",
+                    f"{ctx.target.qualname}: ColossalAI's gradient-reduction tensor hook fired for a "
+                    "torch.autograd.grad call, which accumulates no gradient (ColossalAI #5601)",
+                    where=where, count=n,
+                    cost="LowLevelZero: a crash on a None gradient or a gradient reduced twice; Gemini: a spurious "
+                         "reduction, a RuntimeError, or a freed tensor returned to the caller",
+                    fix="SHIMS_MODE=fix with the colossalai patch (LowLevelZero: or colossalai >= 0.3.7)")
+
+    def repeated(param, n):
+        ctx.count("hook_calls_repeated_in_backward", n)
+        ctx.finding("hook-repeated-in-backward",
+                    f"{ctx.target.qualname}: ColossalAI's gradient-reduction hook fired more than once for one "
+                    "parameter in one backward (registered twice?)",
+                    where=where, count=n, cost="the same gradient queued for reduction more than once",
+                    fix="build one ZeRO optimizer / GeminiDDP per set of parameters")
+
+    return gradhooks.GradHookAudit(on_outside_backward=outside_backward, on_repeated=repeated)
+
+
+def _observed_call(ctx, original, call):
+    """Run the observed hook; if it raises, say so in the receipt (phantom firings often end so), then re-raise."""
+    try:
+        return call()
+    except Exception as exc:
+        ctx.finding("hook-raised", f"{ctx.target.qualname}: ColossalAI's gradient-reduction hook raised "
+                    f"{type(exc).__name__}: {str(exc)[:300]}", where=_where(original),
+                    cost="the step fails; under torch.autograd.grad (ColossalAI #5601) the fix mode avoids it",
+                    fix="SHIMS_MODE=fix with the colossalai patch")
+        raise
+
+
+def observe_hook_firings(original, ctx):
+    """Observe-only: the same hooks, counted; a finding when one fires outside backward or twice in one."""
+    from functools import wraps
+    qualname = ctx.target.qualname
+    if qualname == ATTACH:
+        _low_level_checks(ctx)
+        audit = _audit(ctx, original)
+
+        @wraps(original)
+        def _attach_reduction_hook(self):
+            handler = self._grad_handler
+
+            def observed_handler(param, group_id, grad):
+                audit.fired(param)
+                return _observed_call(ctx, original, lambda: handler(param, group_id, grad))
+
+            # upstream binds self._grad_handler into each hook: shadow it on the instance while it does
+            self.__dict__["_grad_handler"] = observed_handler
+            try:
+                return original(self)
+            finally:
+                self.__dict__.pop("_grad_handler", None)
+
+        return _attach_reduction_hook
+    if qualname == ZERO_GRAD:
+        _low_level_checks(ctx)
+        where = _where(original)
+
+        @wraps(original)
+        def zero_grad(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            store = getattr(self, "_bucket_store", None)
+            queued = store.num_elements_in_bucket() if hasattr(store, "num_elements_in_bucket") else 0
+            if queued:
+                ctx.finding("stale-bucket", f"zero_grad() left {queued} gradient elements queued for reduction; "
+                            "their .grad is now None and the next flush will fail on it", where=where,
+                            fix="SHIMS_MODE=fix with the colossalai patch (or colossalai >= 0.3.7)")
+            return result
+
+        return zero_grad
+    if qualname == GEMINI_HOOK:
+        _gemini_checks(ctx)
+        import inspect
+        func = _function(original)
+        signature = inspect.signature(func)
+        audit = _audit(ctx, original)
+
+        def grad_handle(*args, **kwargs):
+            audit.fired(signature.bind(*args, **kwargs).arguments["p"])
+            return _observed_call(ctx, original, lambda: func(*args, **kwargs))
+
+        grad_handle.__qualname__ = func.__qualname__
+        return staticmethod(grad_handle) if isinstance(original, staticmethod) else grad_handle
+    raise Skip(f"no observer for {qualname!r}")
+
+
+PATCH = Patch(
+    name="colossalai",
+    summary="reduce each accumulated gradient once, not on torch.autograd.grad calls (ColossalAI #5601, PR #5596)",
+    targets=TARGETS,
+    replace=reduce_after_accumulation,
+    detect=observe_hook_firings,
+    fingerprint=fingerprint,
+    distribution="colossalai",
+    docs="docs/patches/colossalai.md",
+    upstream="hpcaitech/ColossalAI#5601, PR #5596 (3788fefc, first release 0.3.7); GeminiDDP unfixed as of 0.5.0",
+)

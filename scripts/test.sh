@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The test command: set up .venv if needed, then run the whole suite (arguments go to pytest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"
