@@ -19,7 +19,8 @@ The patch: `evaluate_without_half` (built by `replace_evaluate`) calls the origi
 from shims.patch import Option, Patch, Skip, Target
 
 RFDETR_FIXED_IN = "1.6"  # Lightning training: fp16_eval has no effect (deprecated by rf-detr PR #1471)
-RFDETR_TARGETS = (Target("rfdetr.engine", "evaluate"), Target("rfdetr.main", "evaluate"))
+RFDETR_TARGETS = (Target("rfdetr.engine", "evaluate", distribution="rfdetr"),
+                  Target("rfdetr.main", "evaluate", distribution="rfdetr"))
 FLAG = "fp16_eval"
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 GRAD_MODES = ("no_grad", "inference_mode")
@@ -401,7 +402,8 @@ PATCH = Patch(
     replace=replace_evaluate,
     detect=detect_half_conversion,
     fingerprint=fingerprint,
-    distribution=None,  # rfdetr's version is checked per target (fingerprint): user LW-DETR code has no version
+    distribution=None,  # rfdetr's targets carry distribution="rfdetr"; user LW-DETR code has no version
+    fixed_in=RFDETR_FIXED_IN,
     options=(
         Option("MODULES", "list", default=("engine",),
                help="user modules whose evaluate has the LW-DETR fp16_eval block (rfdetr's are always targets)"),

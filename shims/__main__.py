@@ -37,22 +37,39 @@ def _list(out=sys.stdout):
         out.write(f"note: the environment does not parse: {exc}\n\n")
     for patch in patches:
         options = cfg.options[patch.name] if cfg else {o.name: o.default for o in patch.options}
-        installed = versions.installed(patch.distribution) if patch.distribution else None
-        if why_off.get(patch.name):
-            would = f"no: {why_off[patch.name]}"
-        elif patch.distribution and installed is None:
-            would = f"no: {patch.distribution} is not installed here"
-        else:
-            verdict = versions.verdict(patch, installed)
-            would = f"no: {verdict[1]}" if verdict else "yes, when its target is imported (after a fingerprint check)"
+        targets = patch.resolve_targets(options)
+        # the packages whose version decides: the patch's own, or per target (detr: rfdetr's targets, user code)
+        packages = {}
+        for target in targets:
+            dist = target.distribution or patch.distribution
+            packages.setdefault(dist, []).append(str(target))
         out.write(f"{patch.name}: {patch.summary}\n")
-        out.write(f"  targets:    {', '.join(str(t) for t in patch.resolve_targets(options))}\n")
-        if patch.distribution:
-            out.write(f"  package:    {patch.distribution} (supported {patch.supported or 'any'}"
+        out.write(f"  targets:    {', '.join(str(t) for t in targets)}\n")
+        verdicts = []
+        for dist, names in packages.items():
+            if dist is None:
+                out.write(f"  package:    user code ({', '.join(names)})\n")
+                verdicts.append(None)
+                continue
+            installed = versions.installed(dist)
+            scope = "" if len(packages) == 1 else f" for {', '.join(names)}"
+            out.write(f"  package:    {dist}{scope} (supported {patch.supported or 'any'}"
                       f"{', fixed upstream in ' + patch.fixed_in if patch.fixed_in else ''}); installed: "
                       f"{installed or 'not installed'}\n")
+            if installed is None:
+                verdicts.append(f"{dist} is not installed here")
+            else:
+                verdict = versions.verdict(patch, installed, dist)
+                verdicts.append(verdict[1] if verdict else None)
+        if why_off.get(patch.name):
+            would = f"no: {why_off[patch.name]}"
+        elif verdicts and all(v is not None for v in verdicts):
+            would = "no: " + "; ".join(verdicts)
         else:
-            out.write("  package:    user code (scripts and modules named by its options)\n")
+            would = "yes, when its target is imported (after a fingerprint check)"
+            refused = [v for v in verdicts if v is not None]
+            if refused:
+                would += "; not where " + "; ".join(refused)
         out.write(f"  would apply: {would}\n")
         for option in patch.options:
             var = f"SHIMS_{patch.name.upper()}_{option.name}"

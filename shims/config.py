@@ -24,6 +24,7 @@ _FALSE = ("", "0", "false", "no", "off")
 GLOBAL_VARS = ("SHIMS_PATCHES", "SHIMS_DISABLE", "SHIMS_MODE", "SHIMS_STRICT", "SHIMS_REPORT", "SHIMS_LOG")
 BOOT_VAR = "SHIMS__BOOT"  # set for child processes: their sitecustomize starts shims
 PARENT_VAR = "SHIMS__PARENT_PID"  # the pid of the process that first started shims (children write their own report)
+_EXPORTED = None  # the SHIMS_* variables as they were before export_for_children wrote over them
 
 
 class Config:
@@ -164,7 +165,9 @@ def parse(environ, registry):
 
 def from_environment(registry, overrides=None):
     """Parse os.environ, with `overrides` (variable -> text) laid over it, as `shims.enable(...)` does."""
-    environ = {k: v for k, v in os.environ.items() if k.startswith("SHIMS_")}
+    # the user's environment: while shims is enabled, os.environ also holds what it exported for children
+    source = _EXPORTED if _EXPORTED is not None else os.environ
+    environ = {k: v for k, v in source.items() if k and k.startswith("SHIMS_") and v is not None}
     if overrides:
         environ.update(overrides)
     return parse(environ, registry)
@@ -197,6 +200,13 @@ def export_for_children(config, bootstrap_dir):
 
     The child's environment carries the same SHIMS_* variables and a sitecustomize directory on PYTHONPATH.
     """
+    global _EXPORTED
+    if _EXPORTED is None:  # what the environment held before shims wrote to it, for withdraw_from_children
+        _EXPORTED = {k: v for k, v in os.environ.items() if k.startswith("SHIMS_")}
+        _EXPORTED["PYTHONPATH"] = os.environ.get("PYTHONPATH")
+    for key in [k for k in os.environ if k.startswith("SHIMS_") and not k.startswith("SHIMS__")]:
+        if key not in config.source:
+            del os.environ[key]  # a variable the new configuration overrode away must not reach children
     for key, value in config.source.items():
         os.environ[key] = value
     os.environ[BOOT_VAR] = "1"
@@ -207,8 +217,17 @@ def export_for_children(config, bootstrap_dir):
 
 
 def withdraw_from_children(bootstrap_dir):
-    """Undo `export_for_children` (after shims.disable())."""
+    """Undo `export_for_children` (after shims.disable()): the SHIMS_* variables are as they were before."""
+    global _EXPORTED
     os.environ.pop(BOOT_VAR, None)
+    if _EXPORTED is not None:
+        before, _EXPORTED = _EXPORTED, None
+        for key in [k for k in os.environ if k.startswith("SHIMS_") and k != BOOT_VAR]:
+            if key not in before:
+                del os.environ[key]
+        for key, value in before.items():
+            if key.startswith("SHIMS_") and key != BOOT_VAR:
+                os.environ[key] = value
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != bootstrap_dir]
     if parts:
         os.environ["PYTHONPATH"] = os.pathsep.join(parts)

@@ -172,29 +172,34 @@ class Engine:
 
     def _apply(self, patch, target, module, owner, qualname, label=None):
         key = (patch.name, target)
-        if key in self.applied:
-            return
         rec = self.receipt.record(patch.name)
         shown = target if label is None else f"{label}:{target.qualname}"
         if label is not None and str(target) in rec.targets and rec.targets[str(target)]["status"] == "not-imported":
             del rec.targets[str(target)]
         try:
+            distribution = target.distribution or patch.distribution
+            if distribution:
+                # the version verdict comes first: a release that fixed the bug may also have moved the function
+                from shims import versions
+                rec.version = versions.installed(distribution)
+                verdict = versions.verdict(patch, rec.version, distribution)
+                if verdict is not None:
+                    raise Skip(verdict[1], status=verdict[0])
             *path, attr = qualname.split(".") if not isinstance(owner, dict) else (qualname,)
-            for part in path:
-                owner = getattr(owner, part)
             try:
+                for part in path:
+                    owner = getattr(owner, part)
                 original = owner[attr] if isinstance(owner, dict) else _lookup(owner, attr)
             except (AttributeError, KeyError):
                 raise Skip(f"{target.module} has no attribute {qualname!r}") from None
+            existing = self.applied.get(key)
+            if existing is not None:
+                if original is existing.replacement:
+                    return  # still in place: wrap exactly once
+                del self.applied[key]  # the module ran again (reload, re-import): patch its new object
             if getattr(original, "__shims_original__", None) is not None:
                 rec.target(shown, "applied", "already patched (by an earlier shims engine)")
                 return
-            if patch.distribution:
-                from shims import versions
-                rec.version = versions.installed(patch.distribution)
-                verdict = versions.verdict(patch, rec.version)
-                if verdict is not None:
-                    raise Skip(verdict[1], status=verdict[0])
             if patch.fingerprint is not None:
                 drift = patch.fingerprint(original)
                 if drift:

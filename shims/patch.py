@@ -43,12 +43,14 @@ class Target:
     """One attribute a patch replaces: `qualname` ("func" or "Class.method") inside module `module`.
 
     `module` may be `MAIN` for functions defined in the script being run (and in its spawn children).
+    `distribution`: the package whose version decides this target (its patch's `supported` / `fixed_in` apply), when
+    it differs from the patch's own (a patch for a framework and for user code that copied it, like detr).
     """
 
-    __slots__ = ("module", "qualname")
+    __slots__ = ("module", "qualname", "distribution")
 
-    def __init__(self, module, qualname):
-        self.module, self.qualname = module, qualname
+    def __init__(self, module, qualname, distribution=None):
+        self.module, self.qualname, self.distribution = module, qualname, distribution
 
     def __repr__(self):
         return f"{self.module}:{self.qualname}"

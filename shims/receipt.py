@@ -8,7 +8,7 @@ Statuses of a target (and of a patch: the most telling of its targets' statuses)
     disabled        turned off by SHIMS_PATCHES / SHIMS_DISABLE / SHIMS_MODE=off
     error           the patch raised; the target was left as it was (strict mode raises instead)
     reverted        shims.disable() put the original back
-The JSON schema is documented in docs/receipt.md.
+The JSON layout is documented in docs/detect.md ("The JSON report"); the statuses are the same in both modes.
 """
 
 from __future__ import annotations

@@ -12,21 +12,22 @@ def installed(distribution):
         return None
 
 
-def verdict(patch, version):
+def verdict(patch, version, distribution=None):
     """(status, reason) when the patch must not apply to this version, else None.
 
     status is "fixed-upstream" (at or above `fixed_in`) or "skipped" (outside `supported`).
     """
     if version is None:
         return None
+    distribution = distribution or patch.distribution
     from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
     try:
         parsed = Version(version)
     except InvalidVersion:
-        return ("skipped", f"{patch.distribution} version {version!r} is not a PEP 440 version")
+        return ("skipped", f"{distribution} version {version!r} is not a PEP 440 version")
     if patch.fixed_in and parsed >= Version(patch.fixed_in):
-        return ("fixed-upstream", f"{patch.distribution} {version} >= {patch.fixed_in}, where upstream fixed it")
+        return ("fixed-upstream", f"{distribution} {version} >= {patch.fixed_in}, where upstream fixed it")
     if patch.supported and parsed not in SpecifierSet(patch.supported):
-        return ("skipped", f"{patch.distribution} {version} is outside the supported range {patch.supported}")
+        return ("skipped", f"{distribution} {version} is outside the supported range {patch.supported}")
     return None
