@@ -48,7 +48,9 @@ def _list(out=sys.stdout):
         verdicts = []
         for dist, names in packages.items():
             if dist is None:
-                out.write(f"  package:    user code ({', '.join(names)})\n")
+                scope = "the script being run and the modules its options name" if len(packages) == 1 else \
+                    ", ".join(names)
+                out.write(f"  package:    user code ({scope}; no version check, the function's shape decides)\n")
                 verdicts.append(None)
                 continue
             installed = versions.installed(dist)
