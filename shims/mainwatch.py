@@ -5,10 +5,14 @@ its global name at call time. So shims watches the script's module-level code, l
 in the script's globals right after its `def` runs. Only the script's own module frame is traced; the watch stops as
 soon as every target the script defines (read from its source) has been handled, so training runs with no tracer.
 
-Three ways in, one mechanism:
-    frame=...  `import shims.auto` inside the script: trace that (already running) frame.
-    path=...   `python -m shims run script.py`, a spawn child's `__mp_main__`, a torchrun worker: wait for the
-               module code of that file to start, then trace it.
+Two mechanisms:
+    compiled   when shims itself runs the file (`python -m shims run script.py`, a spawn child's `__mp_main__`
+               through runpy.run_path), `run_path` compiles the script with one call after each target's `def`
+               (line numbers unchanged): no tracer at all, the script's imports run at full speed.
+    traced     when the script is already running (`import shims.auto` inside it) or the interpreter runs the
+               file itself (a torchrun worker): trace the script's module frame. While the module code runs, every
+               Python call pays for the global trace hook (measured: importing torch and doctr takes about 1.5 s
+               longer, once per process); the tracer is removed as soon as the targets are handled.
 If a trace function is already set (a debugger, coverage), shims does not replace it: the receipt says so.
 """
 
@@ -105,7 +109,99 @@ class ScriptWatch:
         self.frame = None
 
 
-_WATCHED = {}  # real path -> ScriptWatch
+_WATCHED = {}  # real path -> ScriptWatch or CompiledWatch
+HOOK_NAME = "__shims_defined__"  # put in the script's globals by run_path; called after each target's `def`
+
+
+class CompiledWatch:
+    """A script that shims compiles itself: the call after each target's `def` hands the script's globals over."""
+
+    def __init__(self, engine, path, expected):
+        self.engine, self.path, self.expected = engine, path, set(expected)
+        self.active = True
+        self.frame = None
+
+    def defined(self, *names):
+        if not self.active:
+            return
+        try:
+            namespace = sys._getframe(1).f_globals
+            self.engine.apply_in_namespace(namespace, namespace.get("__name__", "__main__"))
+        except Exception as exc:  # noqa: BLE001 - never crash the user's script
+            from shims._log import logger
+            logger().warning("shims could not reach %s in %s: %s", ", ".join(names), self.path, exc)
+
+    def stop(self):
+        self.active = False
+
+
+def _insert_hooks(body, expected, inserted):
+    """After each `def NAME` (NAME expected) in a top-level statement list, and in the bodies of top-level compound
+    statements (`if`, `try`, `with`), add `__shims_defined__("NAME")` on the def's own line."""
+    import ast
+    out = []
+    for stmt in body:
+        out.append(stmt)
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            if stmt.name in expected:
+                call = ast.Call(func=ast.Name(id=HOOK_NAME, ctx=ast.Load()), args=[ast.Constant(stmt.name)],
+                                keywords=[])
+                out.append(ast.fix_missing_locations(ast.copy_location(ast.Expr(value=call), stmt)))
+                inserted.add(stmt.name)
+            continue
+        for field in ("body", "orelse", "finalbody"):
+            block = getattr(stmt, field, None)
+            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+                setattr(stmt, field, _insert_hooks(block, expected, inserted))
+        for handler in getattr(stmt, "handlers", ()) or ():
+            handler.body = _insert_hooks(handler.body, expected, inserted)
+    return out
+
+
+def compile_watched(path, expected):
+    """The script's code with the hook calls inserted, and the names they cover; (None, reason) when it cannot."""
+    import ast
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+        tree = ast.parse(source, filename=path)
+        inserted = set()
+        tree.body = _insert_hooks(tree.body, expected, inserted)
+        if not inserted:
+            return None, "no top-level def of the targets"
+        return compile(tree, path, "exec", dont_inherit=True), inserted
+    except (OSError, SyntaxError, ValueError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def run_path(engine, path_name, init_globals=None, run_name=None, fallback=None):
+    """`runpy.run_path(path_name, init_globals, run_name)` for a script shims runs itself, compiled with the hooks
+    (no tracer). Scripts it cannot compile that way (a directory, a zip, a .pyc, a shape it does not know) run
+    through `fallback` (the original runpy.run_path) with the traced watch."""
+    import runpy
+    fallback = fallback or runpy.run_path
+    run_code = getattr(runpy, "_run_module_code", None)  # private, same signature in CPython 3.9-3.13
+    expected = set()
+    if engine.active and os.path.isfile(path_name) and str(path_name).endswith(".py") and run_code is not None:
+        defined = _defined_names(path_name)
+        expected = engine.main_names() & defined if defined else set()
+    key = os.path.realpath(path_name)
+    if expected and sys.gettrace() is None and not isinstance(_WATCHED.get(key), ScriptWatch):
+        code, covered = compile_watched(path_name, expected)
+        if code is not None:
+            watch = CompiledWatch(engine, path_name, covered)
+            _WATCHED[key] = watch
+            engine._watches.append(watch)
+            run_globals = dict(init_globals or {})
+            run_globals[HOOK_NAME] = watch.defined
+            name = "<run_path>" if run_name is None else run_name
+            try:
+                return run_code(code, run_globals, name, pkg_name=name.rpartition(".")[0], script_name=path_name)
+            finally:
+                watch.stop()
+    if engine.active:
+        engine.watch_script(path=path_name)
+    return fallback(path_name, init_globals, run_name)
 
 
 def start(engine, path=None, frame=None):
@@ -117,7 +213,7 @@ def start(engine, path=None, frame=None):
     key = os.path.realpath(path)
     existing = _WATCHED.get(key)
     if existing is not None and (existing.active or existing.engine is engine and existing.frame is None):
-        return None
+        return None  # already watched (a compiled run, or `import shims.auto` inside a script shims runs)
     targets = engine.main_names()
     defined = _defined_names(path)
     expected = targets & defined if defined is not None else set()

@@ -21,8 +21,8 @@ def run_script(path, args):
     engine = _boot.start()
     sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(path))
-    engine.watch_script(path=path)
-    runpy.run_path(path, run_name="__main__")
+    from shims import mainwatch
+    mainwatch.run_path(engine, path, run_name="__main__", fallback=runpy.run_path)
 
 
 def _script_from_argv():
@@ -53,7 +53,8 @@ def _wrap_run_path(engine):
 
     def run_path(path_name, init_globals=None, run_name=None):
         if run_name in ("__mp_main__", "__main__") and engine.active:
-            engine.watch_script(path=path_name)
+            from shims import mainwatch
+            return mainwatch.run_path(engine, path_name, init_globals, run_name, fallback=original)
         return original(path_name, init_globals, run_name)
 
     run_path.__shims_original__ = original
