@@ -87,6 +87,8 @@ class ScriptWatch:
     def start_on_frame(self, frame):
         self.frame, self.label = frame, frame.f_globals.get("__name__", "__main__")
         self.active = True
+        if _monitor_frame(self, frame):
+            return
         frame.f_trace = self._local
         frame.f_trace_lines = True
         sys.settrace(self._global_after_found)
@@ -102,11 +104,70 @@ class ScriptWatch:
         if not self.active:
             return
         self.active = False
+        _unmonitor(self)
         if sys.gettrace() in (self._global, self._global_after_found):
             sys.settrace(None)
         if self.frame is not None and self.frame.f_trace == self._local:
             self.frame.f_trace = None
         self.frame = None
+
+
+# Python 3.12+: sys.monitoring reports LINE events of one code object only (the script's module code), so the rest
+# of the program, its imports included, runs without any per-call hook. One tool id, while a watch is on.
+_MONITOR_TOOL_IDS = (4, 3)  # ids free by convention (0 debugger, 1 coverage, 2 profiler, 5 optimizer)
+_MONITORED = {}  # tool id -> (ScriptWatch, code)
+
+
+def _monitor_frame(watch, frame):
+    """Watch `frame`'s lines with sys.monitoring (3.12+). False when unavailable (older Python, ids taken)."""
+    monitoring = getattr(sys, "monitoring", None)
+    if monitoring is None:
+        return False
+    for tool in _MONITOR_TOOL_IDS:
+        if monitoring.get_tool(tool) is None:
+            break
+    else:
+        return False
+    code = frame.f_code
+    events = monitoring.events
+    try:
+        monitoring.use_tool_id(tool, "shims")
+
+        def on_line(code_seen, line):
+            if code_seen is code:
+                watch._check()
+            return None if watch.active else monitoring.DISABLE
+
+        def on_return(code_seen, offset, value):
+            if code_seen is code:
+                watch.stop()
+
+        monitoring.register_callback(tool, events.LINE, on_line)
+        monitoring.register_callback(tool, events.PY_RETURN, on_return)
+        monitoring.set_local_events(tool, code, events.LINE | events.PY_RETURN)
+    except Exception:  # noqa: BLE001 - fall back to the tracer
+        try:
+            monitoring.free_tool_id(tool)
+        except Exception:  # noqa: BLE001
+            pass
+        return False
+    _MONITORED[tool] = (watch, code)
+    return True
+
+
+def _unmonitor(watch):
+    monitoring = getattr(sys, "monitoring", None)
+    for tool, (owner, code) in list(_MONITORED.items()):
+        if owner is not watch:
+            continue
+        del _MONITORED[tool]
+        try:
+            monitoring.set_local_events(tool, code, 0)
+            monitoring.register_callback(tool, monitoring.events.LINE, None)
+            monitoring.register_callback(tool, monitoring.events.PY_RETURN, None)
+            monitoring.free_tool_id(tool)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 _WATCHED = {}  # real path -> ScriptWatch or CompiledWatch

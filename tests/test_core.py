@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import re
+import subprocess
 import sys
 import uuid
 from importlib import metadata
@@ -18,7 +19,7 @@ from importlib import metadata
 import pytest
 
 import shims
-from conftest import clean_env, run_python, write
+from conftest import REPO as REPO_ROOT, clean_env, run_python, write
 from shims import config, engine, registry
 from shims.patch import Patch, Skip, Target
 
@@ -671,3 +672,85 @@ def test_disable_gives_the_environment_back_and_enable_reads_the_users_environme
         assert {k: v for k, v in os.environ.items() if k.startswith("SHIMS_")} == {"SHIMS_DISABLE": "ddp"}
     finally:
         engine.reset()
+
+
+# ---------------------------------------------------------------- reaching a script's functions without a tracer
+
+WATCHED_SCRIPT = """
+    {first_line}
+    import sys
+    TRACED_DURING_MODULE_CODE = sys.gettrace() is not None
+    def fit_one_epoch(model, loader):
+        for x in loader:
+            loss = model(x)
+            loss = model(x)
+        return loss
+    calls = []
+    fit_one_epoch(lambda x: calls.append(x) or x, [1, 2, 3])
+    import json, shims
+    print(json.dumps({{"traced": TRACED_DURING_MODULE_CODE, "tracer_after": sys.gettrace() is not None,
+                      "forwards": len(calls), "counters": shims.status()["patches"]["doctr"]["counters"]}}))
+    raise SystemExit(0 if len(sys.argv) < 2 else int("the last line raises here"))
+"""
+
+
+def test_shims_run_reaches_the_script_without_a_tracer_and_keeps_line_numbers(tmp_path):
+    """`python -m shims run` compiles the script with a call after the def: imports run with no trace hook."""
+    script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line="pass"))
+    out = run_python(["-m", "shims", "run", script], env=clean_env(SHIMS_PATCHES="doctr"))
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"traced": False, "tracer_after": False, "forwards": 3,
+                      "counters": {"functions_rewritten": 1, "forwards_removed": 3}}
+    failed = run_python(["-m", "shims", "run", script, "boom"], env=clean_env(SHIMS_PATCHES="doctr"), check=False)
+    assert failed.returncode == 1
+    with open(script) as f:
+        last_line = len(f.read().splitlines())
+    assert f'File "{script}", line {last_line}, in <module>' in failed.stderr, failed.stderr
+
+
+def _other_pythons():
+    """CPython 3.12+ interpreters on this machine (sys.monitoring), besides the one running the tests."""
+    import glob
+    import shutil
+    found = {}
+    for minor in range(12, 16):
+        for candidate in sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/3.{minor}.*/bin/python"))) + [
+                shutil.which(f"python3.{minor}")]:
+            if not candidate or f"3.{minor}" in found:
+                continue
+            try:  # a pyenv shim on PATH may exist without working
+                probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
+                                       capture_output=True, text=True, timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if probe.returncode == 0 and probe.stdout.strip() == f"(3, {minor})":
+                found[f"3.{minor}"] = candidate
+    return found
+
+
+@pytest.mark.parametrize("minor", ["3.12", "3.13"])
+def test_import_shims_auto_uses_sys_monitoring_on_python_312_and_later(minor, tmp_path):
+    """From 3.12 the first-line import watches only the script's own code object: no global trace hook."""
+    python = _other_pythons().get(minor)
+    if python is None:
+        pytest.skip(f"no Python {minor} interpreter on this machine (looked on PATH and in ~/.pyenv)")
+    import shutil
+    root = tmp_path / "site"
+    shutil.copytree(os.path.join(REPO_ROOT, "shims"), root / "shims")  # shims and its patches, as installed,
+    shutil.copytree(os.path.join(REPO_ROOT, "patches"), root / "shims" / "patches")  # for that interpreter
+    script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line="import shims.auto"))
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(root), "SHIMS_PATCHES": "doctr",
+           "PYTHONNOUSERSITE": "1"}
+    proc = subprocess.run([python, script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"traced": False, "tracer_after": False, "forwards": 3,
+                      "counters": {"functions_rewritten": 1, "forwards_removed": 3}}
+
+
+def test_import_shims_auto_on_this_python_removes_its_tracer_after_the_def(tmp_path):
+    script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line="import shims.auto"))
+    out = run_python([script], env=clean_env(SHIMS_PATCHES="doctr"))
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["tracer_after"] is False and result["forwards"] == 3
+    assert result["traced"] is (sys.version_info < (3, 12))  # 3.11: a tracer while the module code runs
