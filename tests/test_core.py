@@ -647,6 +647,37 @@ def test_a_plain_spawn_child_without_shims_stays_clean(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["loaded"] is False
 
 
+TORCHRUN_WORKER = """
+import json, os, sys
+TRACED = None
+def fit_one_epoch(model, loader):
+    for x in loader:
+        loss = model(x)
+        loss = model(x)
+    return loss
+calls = []
+fit_one_epoch(lambda x: calls.append(x) or x, [1, 2, 3, 4])
+import shims
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"forwards": len(calls), "doctr": shims.status()["patches"]["doctr"]["counters"]}, f)
+"""
+
+
+@pytest.mark.slow
+def test_shims_run_torchrun_reaches_every_worker(tmp_path):
+    """`python -m shims run $(which torchrun) ... train.py`: torchrun's workers run train.py as a file, patched."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip(f"no torchrun next to {sys.executable}")
+    script = write(tmp_path / "train.py", TORCHRUN_WORKER)
+    proc = shims_cli("run", torchrun, "--standalone", "--nproc_per_node", "2", script, str(tmp_path),
+                     check=True, SHIMS_PATCHES="doctr", OMP_NUM_THREADS="1")
+    for rank in (0, 1):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            result = json.load(f)
+        assert result == {"forwards": 4, "doctr": {"functions_rewritten": 1, "forwards_removed": 4}}, proc.stderr
+
+
 def test_disable_withdraws_the_bootstrap_from_child_processes():
     shims.enable(patches=["doctr"])
     assert os.environ.get("SHIMS__BOOT") == "1"
