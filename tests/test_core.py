@@ -501,6 +501,14 @@ def test_a_targets_distribution_is_checked_when_the_patch_has_none(target):
     assert target_status(module=target, qualname="evaluate")["status"] == "applied"  # user code: no version
 
 
+def test_a_release_that_fixed_the_bug_and_moved_the_function_is_fixed_upstream_not_skipped(target):
+    """The version verdict comes before the attribute lookup (rfdetr >= 1.6 has no engine.evaluate at all)."""
+    enable(fake_patch(target, distribution="pytest", fixed_in="1.0", targets=("train", "removed_in_the_fix")))
+    importlib.import_module(target)
+    gone = target_status(module=target, qualname="removed_in_the_fix")
+    assert gone["status"] == "fixed-upstream" and "pytest" in gone["reason"], gone
+
+
 # ---------------------------------------------------------------- 6. the receipt
 
 def test_status_has_the_documented_shape(target):
