@@ -214,6 +214,13 @@ def agree_across_ranks(decision, bound):
         raise RanksDisagree(f"rank(s) {missing} gave no find_unused_parameters decision ({type(exc).__name__}: "
                             f"{exc}); is shims running on every rank?", answered, True) from None
     answers = {r: store.get(prefix + str(r)).decode() for r in ranks}
+    # no rank may leave before every rank has read: the rank hosting the store would otherwise raise and exit while
+    # another still reads, which then sees "Connection reset by peer" instead of the disagreement
+    try:
+        store.set(prefix + "read/" + str(dist.get_rank()), "1")
+        store.wait([prefix + "read/" + str(r) for r in ranks])
+    except Exception:  # noqa: BLE001 - every answer is read already; a store going away now changes nothing
+        pass
     if len(set(answers.values())) > 1:
         as_written = {a.rsplit(AS_WRITTEN, 1)[-1] for a in answers.values()}
         listing = "; ".join(f"rank {r}: {a}" for r, a in sorted(answers.items()))
