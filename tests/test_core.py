@@ -793,3 +793,35 @@ def test_import_shims_auto_on_this_python_removes_its_tracer_after_the_def(tmp_p
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["tracer_after"] is False and result["forwards"] == 3
     assert result["traced"] is (sys.version_info < (3, 12))  # 3.11: a tracer while the module code runs
+
+
+# ---------------------------------------------------------------- packaging
+
+@pytest.mark.slow
+def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_package(tmp_path):
+    """`pip install .` gives `shims` with `shims.patches`; no top-level `patches` lands in site-packages."""
+    import zipfile
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", REPO_ROOT, "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path / "wheel"), "-q"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
+    if proc.returncode != 0 and "No module named" in proc.stderr and "setuptools" in proc.stderr:
+        pytest.skip("setuptools is not installed in this environment, so the wheel cannot be built offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("shims-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"shims", wheel.name.split("-")[0] + "-" +
+                                                wheel.name.split("-")[1] + ".dist-info"}
+    for patch in ("doctr", "detr", "ddp", "colossalai"):
+        assert f"shims/patches/{patch}.py" in names
+    assert "shims/bootstrap/sitecustomize.py" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    check = subprocess.run(
+        [sys.executable, "-S", "-c", "import sys; sys.path[:0] = [sys.argv[1]] + sys.argv[2:];"
+         "import importlib.util, shims.auto, shims.patches.doctr;"
+         "print(shims.auto.__file__.startswith(sys.argv[1]), importlib.util.find_spec('patches') is None,"
+         " sorted(shims.status()['patches']))", str(target)] + [p for p in sys.path if "site-packages" in p],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=clean_env(PYTHONPATH=""))
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.split() == ["True", "True", "['colossalai',", "'ddp',", "'detr',", "'doctr']"], check.stdout
