@@ -9,10 +9,11 @@ Two mechanisms:
     compiled   when shims itself runs the file (`python -m shims run script.py`, a spawn child's `__mp_main__`
                through runpy.run_path), `run_path` compiles the script with one call after each target's `def`
                (line numbers unchanged): no tracer at all, the script's imports run at full speed.
-    traced     when the script is already running (`import shims.auto` inside it) or the interpreter runs the
-               file itself (a torchrun worker): trace the script's module frame. While the module code runs, every
-               Python call pays for the global trace hook (measured: importing torch and doctr takes about 1.5 s
-               longer, once per process); the tracer is removed as soon as the targets are handled.
+    watched    when the script is already running (`import shims.auto` inside it) or the interpreter runs the
+               file itself (a torchrun worker): on Python 3.12+, sys.monitoring LINE events of the script's module
+               code object only; on 3.11, a trace of the script's module frame, during which every Python call
+               pays for the global trace hook (measured: importing torch and doctr took about 1.5 s longer, once
+               per process). Either is removed as soon as the targets are handled.
 If a trace function is already set (a debugger, coverage), shims does not replace it: the receipt says so.
 """
 
@@ -63,6 +64,9 @@ class ScriptWatch:
                 and _same_file(frame.f_code.co_filename, self.path):
             self.frame = frame
             self.label = frame.f_globals.get("__name__", "__main__")
+            if _monitor_frame(self, frame):  # 3.12+: from here on only the script's own code is watched
+                sys.settrace(None)
+                return None
             return self._local
         return None
 

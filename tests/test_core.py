@@ -767,9 +767,11 @@ def _other_pythons():
     return found
 
 
+@pytest.mark.parametrize("how", ["import-shims-auto", "booted-child"])
 @pytest.mark.parametrize("minor", ["3.12", "3.13"])
-def test_import_shims_auto_uses_sys_monitoring_on_python_312_and_later(minor, tmp_path):
-    """From 3.12 the first-line import watches only the script's own code object: no global trace hook."""
+def test_scripts_are_watched_with_sys_monitoring_on_python_312_and_later(minor, how, tmp_path):
+    """From 3.12 only the script's own code object is watched, no global trace hook: for the first-line import, and
+    for a child process that the interpreter runs as a file (a torchrun worker) booted by shims' sitecustomize."""
     python = _other_pythons().get(minor)
     if python is None:
         pytest.skip(f"no Python {minor} interpreter on this machine (looked on PATH and in ~/.pyenv)")
@@ -777,9 +779,13 @@ def test_import_shims_auto_uses_sys_monitoring_on_python_312_and_later(minor, tm
     root = tmp_path / "site"
     shutil.copytree(os.path.join(REPO_ROOT, "shims"), root / "shims")  # shims and its patches, as installed,
     shutil.copytree(os.path.join(REPO_ROOT, "patches"), root / "shims" / "patches")  # for that interpreter
-    script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line="import shims.auto"))
+    first_line = "import shims.auto" if how == "import-shims-auto" else "pass"
+    script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line=first_line))
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(root), "SHIMS_PATCHES": "doctr",
            "PYTHONNOUSERSITE": "1"}
+    if how == "booted-child":  # what config.export_for_children leaves for a child process
+        env.update({"SHIMS__BOOT": "1", "SHIMS__PARENT_PID": "1",
+                    "PYTHONPATH": os.pathsep.join([str(root / "shims" / "bootstrap"), str(root)])})
     proc = subprocess.run([python, script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
