@@ -70,6 +70,11 @@ def _parse_names(var, text, names, allow_all):
         raise ShimsConfigError(f"{var}={text!r} is empty; valid: {valid}")
     for word in words:
         if word not in names:
+            if not names:  # every patch module failed to import (shims.patches missing: not installed?)
+                from shims import registry
+                problems = "; ".join(f"{n}: {p}" for n, p in registry.broken().items()) or "none registered"
+                raise ShimsConfigError(f"{var}={text!r}: no patch could be loaded ({problems}); install shims with "
+                                       "pip (patches/ becomes shims.patches) or run from an installed environment")
             raise ShimsConfigError(f"{var}={text!r}: unknown patch {word!r}{_suggest(word, names)}; valid: {valid}")
     return words
 

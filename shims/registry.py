@@ -23,6 +23,7 @@ def load():
     global _LOADED
     if _LOADED is None:
         import importlib
+        _patches_from_source_checkout()
         patches = []
         for name in PATCH_MODULES:
             try:
@@ -31,6 +32,31 @@ def load():
                 _BROKEN[name] = f"{type(exc).__name__}: {exc}"
         _LOADED = tuple(patches)
     return _LOADED
+
+
+def _patches_from_source_checkout():
+    """In a source checkout on PYTHONPATH (not installed), `patches/` beside `shims/` is loaded as `shims.patches`,
+    the name an installation gives it; never as a top-level `patches`."""
+    import os
+    import sys
+    if "shims.patches" in sys.modules:
+        return
+    import importlib.util
+    if importlib.util.find_spec("shims.patches") is not None:
+        return  # installed (or an editable install maps it)
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "patches")
+    init = os.path.join(source, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location("shims.patches", init, submodule_search_locations=[source])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["shims.patches"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:  # noqa: BLE001 - load() reports each patch module that then fails
+        del sys.modules["shims.patches"]
+        return
+    sys.modules["shims"].patches = module
 
 
 def broken():
