@@ -655,16 +655,20 @@ def test_a_plain_spawn_child_without_shims_stays_clean(tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1])["loaded"] is False
 
 
-TORCHRUN_WORKER = """
-import json, os, sys
-TRACED = None
+# a doctr-shaped loop with its dead forward, run on a stand-in model that counts its calls
+DEAD_FORWARD_LOOP = """
 def fit_one_epoch(model, loader):
     for x in loader:
         loss = model(x)
         loss = model(x)
     return loss
 calls = []
-fit_one_epoch(lambda x: calls.append(x) or x, [1, 2, 3, 4])
+fit_one_epoch(lambda x: calls.append(x) or x, STEPS)
+"""
+
+TORCHRUN_WORKER = """
+import json, os, sys
+""" + DEAD_FORWARD_LOOP.replace("STEPS", "[1, 2, 3, 4]") + """
 import shims
 with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
     json.dump({"forwards": len(calls), "doctr": shims.status()["patches"]["doctr"]["counters"]}, f)
@@ -716,20 +720,14 @@ def test_disable_gives_the_environment_back_and_enable_reads_the_users_environme
 # ---------------------------------------------------------------- reaching a script's functions without a tracer
 
 WATCHED_SCRIPT = """
-    {first_line}
-    import sys
-    TRACED_DURING_MODULE_CODE = sys.gettrace() is not None
-    def fit_one_epoch(model, loader):
-        for x in loader:
-            loss = model(x)
-            loss = model(x)
-        return loss
-    calls = []
-    fit_one_epoch(lambda x: calls.append(x) or x, [1, 2, 3])
-    import json, shims
-    print(json.dumps({{"traced": TRACED_DURING_MODULE_CODE, "tracer_after": sys.gettrace() is not None,
-                      "forwards": len(calls), "counters": shims.status()["patches"]["doctr"]["counters"]}}))
-    raise SystemExit(0 if len(sys.argv) < 2 else int("the last line raises here"))
+{first_line}
+import sys
+TRACED_DURING_MODULE_CODE = sys.gettrace() is not None
+""" + DEAD_FORWARD_LOOP.replace("STEPS", "[1, 2, 3]") + """
+import json, shims
+print(json.dumps({{"traced": TRACED_DURING_MODULE_CODE, "tracer_after": sys.gettrace() is not None,
+                  "forwards": len(calls), "counters": shims.status()["patches"]["doctr"]["counters"]}}))
+raise SystemExit(0 if len(sys.argv) < 2 else int("the last line raises here"))
 """
 
 
