@@ -69,8 +69,8 @@ def remove_dead_forward(original, ctx):
     new = rewrite.compile_function(original, node, filename, {"__shims_forward_removed__": forward_removed})
     ctx.count("functions_rewritten")
     for d in found:
-        ctx.note(f"{filename}:{d.lineno}: removed `{d.name} = {d.callee}(...)` (overwritten at line {d.killed_at} "
-                 "before any read)")
+        ctx.note(f"{filename}:{d.lineno}: removed `{d.name} = {d.callee}(...)` (overwritten on every path by line "
+                 f"{d.killed_at} before any read)")
     return new
 
 
@@ -81,8 +81,9 @@ def detect_dead_forward(original, ctx):
     found, _ = deadstore.find_dead_forwards(node)
     for d in found:
         ctx.finding("dead-forward",
-                    f"{original.__qualname__} runs {d.callee}(...) into `{d.name}`, overwritten at line {d.killed_at} "
-                    "before any read: one extra forward per step (and a second dropout draw / BatchNorm update)",
+                    f"{original.__qualname__} runs {d.callee}(...) into `{d.name}`, overwritten on every path by line "
+                    f"{d.killed_at} before any read: one extra forward per step (and a second dropout draw / BatchNorm "
+                    "update)",
                     where=f"{filename}:{d.lineno}", cost="one full forward per step (1.33x step time on doctr "
                     "vitstr_small, batch 16, 32x128, CPU)", fix="SHIMS_MODE=fix with the doctr patch (default)")
     return None
