@@ -152,30 +152,9 @@ def read_fp16_eval_shape(func):
     return Fp16EvalShape(filename, next(iter(flag_holders)), models, tuple(conversions), node.lineno)
 
 
-def _rfdetr_fixed_upstream(func):
-    """A reason when `func` comes from an rfdetr release where fp16_eval no longer converts anything, else None."""
-    module = getattr(func, "__module__", "") or ""
-    if module != "rfdetr" and not module.startswith("rfdetr."):
-        return None
-    from shims import versions
-    installed = versions.installed("rfdetr")
-    if installed is None:
-        return None
-    from packaging.version import InvalidVersion, Version
-    try:
-        if Version(installed) < Version(RFDETR_FIXED_IN):
-            return None
-    except InvalidVersion:
-        return None
-    return (f"rfdetr {installed} >= {RFDETR_FIXED_IN}: training runs on PyTorch Lightning and fp16_eval has no "
-            "effect (deprecated by rf-detr PR #1471)")
-
-
 def fingerprint(func):
-    """None when `func` has the fp16_eval -> `.half()` shape; raises Skip with the reason otherwise."""
-    fixed = _rfdetr_fixed_upstream(func)
-    if fixed:
-        raise Skip(fixed, status="fixed-upstream")
+    """None when `func` has the fp16_eval -> `.half()` shape; raises Skip with the reason otherwise.
+    (rfdetr >= 1.6 never gets here: the engine's version check on the rfdetr targets says "fixed upstream".)"""
     read_fp16_eval_shape(func)  # raises Skip with the reason
 
 

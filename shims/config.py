@@ -172,7 +172,7 @@ def from_environment(registry, overrides=None):
     """Parse os.environ, with `overrides` (variable -> text) laid over it, as `shims.enable(...)` does."""
     # the user's environment: while shims is enabled, os.environ also holds what it exported for children
     source = _EXPORTED if _EXPORTED is not None else os.environ
-    environ = {k: v for k, v in source.items() if k and k.startswith("SHIMS_") and v is not None}
+    environ = {k: v for k, v in source.items() if k.startswith("SHIMS_")}
     if overrides:
         environ.update(overrides)
     return parse(environ, registry)
@@ -208,7 +208,6 @@ def export_for_children(config, bootstrap_dir):
     global _EXPORTED
     if _EXPORTED is None:  # what the environment held before shims wrote to it, for withdraw_from_children
         _EXPORTED = {k: v for k, v in os.environ.items() if k.startswith("SHIMS_")}
-        _EXPORTED["PYTHONPATH"] = os.environ.get("PYTHONPATH")
     for key in [k for k in os.environ if k.startswith("SHIMS_") and not k.startswith("SHIMS__")]:
         if key not in config.source:
             del os.environ[key]  # a variable the new configuration overrode away must not reach children
@@ -231,7 +230,7 @@ def withdraw_from_children(bootstrap_dir):
             if key not in before:
                 del os.environ[key]
         for key, value in before.items():
-            if key.startswith("SHIMS_") and key != BOOT_VAR:
+            if key != BOOT_VAR:
                 os.environ[key] = value
     parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != bootstrap_dir]
     if parts:

@@ -181,8 +181,8 @@ HOOK_NAME = "__shims_defined__"  # put in the script's globals by run_path; call
 class CompiledWatch:
     """A script that shims compiles itself: the call after each target's `def` hands the script's globals over."""
 
-    def __init__(self, engine, path, expected):
-        self.engine, self.path, self.expected = engine, path, set(expected)
+    def __init__(self, engine, path):
+        self.engine, self.path = engine, path
         self.active = True
         self.frame = None
 
@@ -200,6 +200,11 @@ class CompiledWatch:
         self.active = False
 
 
+def _top_level_blocks():
+    import ast
+    return tuple(getattr(ast, name) for name in ("If", "Try", "TryStar", "With", "AsyncWith") if hasattr(ast, name))
+
+
 def _insert_hooks(body, expected, inserted):
     """After each `def NAME` (NAME expected) in a top-level statement list, and in the bodies of top-level compound
     statements (`if`, `try`, `with`), add `__shims_defined__("NAME")` on the def's own line."""
@@ -214,11 +219,13 @@ def _insert_hooks(body, expected, inserted):
                 out.append(ast.fix_missing_locations(ast.copy_location(ast.Expr(value=call), stmt)))
                 inserted.add(stmt.name)
             continue
+        if not isinstance(stmt, _top_level_blocks()):
+            continue  # not inside classes, functions or loops: those defs are not the script's globals
         for field in ("body", "orelse", "finalbody"):
             block = getattr(stmt, field, None)
-            if isinstance(block, list) and block and isinstance(block[0], ast.stmt):
+            if block:
                 setattr(stmt, field, _insert_hooks(block, expected, inserted))
-        for handler in getattr(stmt, "handlers", ()) or ():
+        for handler in getattr(stmt, "handlers", ()):
             handler.body = _insert_hooks(handler.body, expected, inserted)
     return out
 
@@ -246,15 +253,12 @@ def run_path(engine, path_name, init_globals=None, run_name=None, fallback=None)
     import runpy
     fallback = fallback or runpy.run_path
     run_code = getattr(runpy, "_run_module_code", None)  # private, same signature in CPython 3.9-3.13
-    expected = set()
-    if engine.active and os.path.isfile(path_name) and str(path_name).endswith(".py") and run_code is not None:
-        defined = _defined_names(path_name)
-        expected = engine.main_names() & defined if defined else set()
     key = os.path.realpath(path_name)
-    if expected and sys.gettrace() is None and not isinstance(_WATCHED.get(key), ScriptWatch):
-        code, covered = compile_watched(path_name, expected)
+    if engine.active and run_code is not None and os.path.isfile(path_name) and str(path_name).endswith(".py") \
+            and not isinstance(_WATCHED.get(key), ScriptWatch):
+        code, _ = compile_watched(path_name, engine.main_names())
         if code is not None:
-            watch = CompiledWatch(engine, path_name, covered)
+            watch = CompiledWatch(engine, path_name)
             _WATCHED[key] = watch
             engine._watches.append(watch)
             run_globals = dict(init_globals or {})

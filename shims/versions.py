@@ -13,7 +13,7 @@ def installed(distribution):
 
 
 def verdict(patch, version, distribution=None):
-    """(status, reason) when the patch must not apply to this version, else None.
+    """(status, reason) when the patch must not apply to `distribution` (default: the patch's) at this version.
 
     status is "fixed-upstream" (at or above `fixed_in`) or "skipped" (outside `supported`).
     """
@@ -27,7 +27,8 @@ def verdict(patch, version, distribution=None):
     except InvalidVersion:
         return ("skipped", f"{distribution} version {version!r} is not a PEP 440 version")
     if patch.fixed_in and parsed >= Version(patch.fixed_in):
-        return ("fixed-upstream", f"{distribution} {version} >= {patch.fixed_in}, where upstream fixed it")
+        where = f" ({patch.upstream})" if patch.upstream else ""
+        return ("fixed-upstream", f"{distribution} {version} >= {patch.fixed_in}, where upstream fixed it{where}")
     if patch.supported and parsed not in SpecifierSet(patch.supported):
         return ("skipped", f"{distribution} {version} is outside the supported range {patch.supported}")
     return None
