@@ -8,7 +8,4 @@ A bad SHIMS_* variable raises shims.ShimsConfigError here, before anything is pa
 from shims import _boot
 
 _engine = _boot.start()
-_frame = _boot.script_frame()
-if _frame is not None:
-    _engine.watch_script(frame=_frame)
-del _frame
+_boot.reach_script(_engine)  # on 3.9-3.11 this may run the rest of the script itself: docs/startup.md

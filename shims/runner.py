@@ -27,7 +27,10 @@ def run_script(path, args):
 
 def _script_from_argv():
     """The script file of this interpreter's command line, or None (-c, -m, interactive)."""
-    argv = list(getattr(sys, "orig_argv", []))[1:]
+    if not hasattr(sys, "orig_argv"):  # Python 3.9: at sitecustomize time sys.argv[0] is the script, or -c, -m, -, ''
+        first = sys.argv[0] if getattr(sys, "argv", None) else ""
+        return first if first not in ("-c", "-m", "-", "") and os.path.isfile(first) else None
+    argv = list(sys.orig_argv)[1:]
     takes_value = {"-W", "-X", "--check-hash-based-pycs"}
     i = 0
     while i < len(argv):
