@@ -33,7 +33,12 @@ ATTACH = "LowLevelZeroOptimizer._attach_reduction_hook"
 ZERO_GRAD = "LowLevelZeroOptimizer.zero_grad"
 GEMINI_HOOK = "GeminiDDP.grad_handle"
 
-TARGETS = (Target(LOW_LEVEL_MODULE, ATTACH), Target(LOW_LEVEL_MODULE, ZERO_GRAD), Target(GEMINI_MODULE, GEMINI_HOOK))
+# per target: LowLevelZero was fixed upstream in 0.3.7, GeminiDDP never was. Torch 2.0 has no post-accumulate-grad
+# hook: shims.gradhooks uses the gradient-accumulator node there (as DeepSpeed and Megatron did before 2.1)
+TORCH_RANGE = ">=2.0"
+TARGETS = (Target(LOW_LEVEL_MODULE, ATTACH, supported=LOW_LEVEL_SUPPORTED, fixed_in=LOW_LEVEL_FIXED_IN),
+           Target(LOW_LEVEL_MODULE, ZERO_GRAD, supported=LOW_LEVEL_SUPPORTED, fixed_in=LOW_LEVEL_FIXED_IN),
+           Target(GEMINI_MODULE, GEMINI_HOOK))
 
 
 def _function(original):
@@ -79,22 +84,8 @@ def fingerprint(original):
 
 
 def _low_level_checks(ctx):
-    """Skip LowLevelZero targets outside 0.3.1-0.3.6, or whose class lacks the methods the replacement calls."""
-    from shims import versions
-    version = versions.installed("colossalai")
-    if version is not None:
-        from packaging.specifiers import SpecifierSet
-        from packaging.version import InvalidVersion, Version
-        try:
-            parsed = Version(version)
-        except InvalidVersion:
-            raise Skip(f"colossalai version {version!r} is not a PEP 440 version") from None
-        if parsed >= Version(LOW_LEVEL_FIXED_IN):
-            raise Skip(f"colossalai {version} >= {LOW_LEVEL_FIXED_IN}: LowLevelZeroOptimizer uses post-accumulate-grad "
-                       "hooks since PR #5596", status="fixed-upstream")
-        if parsed not in SpecifierSet(LOW_LEVEL_SUPPORTED):
-            raise Skip(f"colossalai {version} is outside {LOW_LEVEL_SUPPORTED}, the LowLevelZeroOptimizer shape this "
-                       "patch was written for")
+    """Skip LowLevelZero targets whose class lacks the methods the replacement calls (the engine already refused
+    versions outside 0.3.1-0.3.6: the targets' own ranges)."""
     import inspect
     cls = getattr(ctx.module, "LowLevelZeroOptimizer", None)
     handler = getattr(cls, "_grad_handler", None)
@@ -137,6 +128,7 @@ def attach_post_accumulate_hooks(original, ctx):
     from functools import partial
 
     from shims import gradhooks
+    from shims.patch import wrap
     record = ctx.record
 
     def hand_gradient_to_colossalai(optimizer, group_id, param):
@@ -144,7 +136,7 @@ def attach_post_accumulate_hooks(original, ctx):
         # upstream's own handler: it checks no_sync (require_grad_sync) and appends the parameter to the bucket
         optimizer._grad_handler(param, group_id, param.grad)
 
-    def _attach_reduction_hook(self):
+    def attach_accumulated_hooks(wrapped, self, args, kwargs):
         handles = []
         try:
             for group_id in range(self.num_param_groups):
@@ -159,12 +151,11 @@ def attach_post_accumulate_hooks(original, ctx):
                 raise
             record.count("fallbacks_to_tensor_hooks")
             ctx.note(f"fell back to upstream's tensor hooks: {type(exc).__name__}: {exc}")
-            return original(self)
+            return wrapped(*args, **kwargs)
         record.count("post_accumulate_hooks_attached", len(handles))
         return None
 
-    _attach_reduction_hook.__doc__ = "shims: post-accumulate-grad hooks instead of tensor hooks (ColossalAI PR #5596)"
-    return _attach_reduction_hook
+    return wrap(original, attach_accumulated_hooks)
 
 
 def _empty_bucket_store(optimizer):
@@ -179,15 +170,14 @@ def _empty_bucket_store(optimizer):
 def zero_grad_emptying_bucket(original, ctx):
     """`zero_grad` followed by emptying the bucket store, as PR #5596 added: parameters queued before zero_grad
     would otherwise be flushed with `.grad = None`."""
-    from functools import wraps
+    from shims.patch import wrap
 
-    @wraps(original)
-    def zero_grad(self, *args, **kwargs):
-        result = original(self, *args, **kwargs)
+    def zero_grad_then_empty(wrapped, self, args, kwargs):
+        result = wrapped(*args, **kwargs)
         _empty_bucket_store(self)
         return result
 
-    return zero_grad
+    return wrap(original, zero_grad_then_empty)
 
 
 def defer_gemini_reduction(original, ctx):
@@ -229,6 +219,7 @@ def defer_gemini_reduction(original, ctx):
             return func(*args, **kwargs)
         return None  # the gradient passes through untouched: an autograd.grad caller gets the real one
 
+    # a plain function, not a wrapt proxy: upstream binds it into a functools.partial per parameter, called in backward
     grad_handle.__doc__ = "shims: Gemini's reduction deferred to the post-accumulate-grad hook (ColossalAI #5601)"
     grad_handle.__qualname__ = func.__qualname__
     return staticmethod(grad_handle) if isinstance(original, staticmethod) else grad_handle
@@ -275,14 +266,13 @@ def _observed_call(ctx, original, call):
 
 def observe_hook_firings(original, ctx):
     """Observe-only: the same hooks, counted; a finding when one fires outside backward or twice in one."""
-    from functools import wraps
+    from shims.patch import wrap
     qualname = ctx.target.qualname
     if qualname == ATTACH:
         _low_level_checks(ctx)
         audit = _audit(ctx, original)
 
-        @wraps(original)
-        def _attach_reduction_hook(self):
+        def attach_observed(wrapped, self, args, kwargs):
             handler = self._grad_handler
 
             def observed_handler(param, group_id, grad):
@@ -292,18 +282,17 @@ def observe_hook_firings(original, ctx):
             # upstream binds self._grad_handler into each hook: shadow it on the instance while it does
             self.__dict__["_grad_handler"] = observed_handler
             try:
-                return original(self)
+                return wrapped(*args, **kwargs)
             finally:
                 self.__dict__.pop("_grad_handler", None)
 
-        return _attach_reduction_hook
+        return wrap(original, attach_observed)
     if qualname == ZERO_GRAD:
         _low_level_checks(ctx)
         where = _where(original)
 
-        @wraps(original)
-        def zero_grad(self, *args, **kwargs):
-            result = original(self, *args, **kwargs)
+        def zero_grad_observed(wrapped, self, args, kwargs):
+            result = wrapped(*args, **kwargs)
             store = getattr(self, "_bucket_store", None)
             queued = store.num_elements_in_bucket() if hasattr(store, "num_elements_in_bucket") else 0
             if queued:
@@ -312,7 +301,7 @@ def observe_hook_firings(original, ctx):
                             fix="SHIMS_MODE=fix with the colossalai patch (or colossalai >= 0.3.7)")
             return result
 
-        return zero_grad
+        return wrap(original, zero_grad_observed)
     if qualname == GEMINI_HOOK:
         _gemini_checks(ctx)
         import inspect
@@ -337,6 +326,7 @@ PATCH = Patch(
     detect=observe_hook_firings,
     fingerprint=fingerprint,
     distribution="colossalai",
+    torch=TORCH_RANGE,
     docs="docs/patches/colossalai.md",
     upstream="hpcaitech/ColossalAI#5601, PR #5596 (3788fefc, first release 0.3.7); GeminiDDP unfixed as of 0.5.0",
 )

@@ -92,16 +92,18 @@ class Site:
 
 
 def call_site(ddp, frame):
-    """The first caller frame outside DDP's own __init__ chain (subclasses calling super().__init__) and torch."""
+    """The first caller frame outside DDP's own __init__ chain (subclasses calling super().__init__), torch and wrapt
+    (its pure-Python wrappers add frames when its C extension is off)."""
+    from shims.frames import qualname
     while frame is not None:
         code = frame.f_code
         module = frame.f_globals.get("__name__", "") or ""
         inside_init = code.co_name == "__init__" and code.co_varnames[:1] == ("self",) \
             and frame.f_locals.get("self") is ddp
-        if not inside_init and not module.startswith("torch.nn.parallel"):
+        if not inside_init and not module.startswith(("torch.nn.parallel", "wrapt.")):
             if module == "__mp_main__":  # the script in a spawn child is the same site as in the parent
                 module = "__main__"
-            return Site(module, getattr(code, "co_qualname", code.co_name), code.co_name, code.co_filename,
+            return Site(module, qualname(frame), code.co_name, code.co_filename,
                         frame.f_lineno, frame.f_globals.setdefault("__warningregistry__", {}))
         frame = frame.f_back
     return Site("?", "?", "?", "?", 0)
@@ -485,15 +487,14 @@ def _handle_disagreement(ctx, site, decision, disagreement):
 
 
 def _make_init(original, ctx):
-    import functools
     import inspect
     import sys
     import warnings
     from shims.errors import ShimsPatchError
+    from shims.patch import wrap
     signature = inspect.signature(original)
 
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
+    def construct_with_policy(wrapped, self, args, kwargs):
         try:
             bound = signature.bind(self, *args, **kwargs)
             site = call_site(self, sys._getframe(1))
@@ -526,7 +527,7 @@ def _make_init(original, ctx):
                                    registry=site.warning_registry)
         _after_construction(self, ctx, site, decision)
 
-    return __init__
+    return wrap(original, construct_with_policy)
 
 
 def _after_construction(ddp, ctx, site, decision):
@@ -589,7 +590,8 @@ PATCH = Patch(
     detect=observe_find_unused,
     fingerprint=fingerprint,
     distribution="torch",
-    supported=">=2.1",
+    # torch 2.0 has everything this needs: the constructor arguments, static_graph and DDP's logging data
+    supported=">=2.0",
     options=(
         Option("FIND_UNUSED", "choice", default="auto", choices=POLICIES,
                help="auto: off at known-safe call sites, kept and measured elsewhere; keep: as written; "

@@ -19,6 +19,7 @@ The patch: `evaluate_without_half` (built by `replace_evaluate`) calls the origi
 from shims.patch import Option, Patch, Skip, Target
 
 RFDETR_FIXED_IN = "1.6"  # Lightning training: fp16_eval has no effect (deprecated by rf-detr PR #1471)
+# below 1.6 the function's shape decides (read_fp16_eval_shape); checked in the 1.4.3 and 1.5.2 wheels
 RFDETR_TARGETS = (Target("rfdetr.engine", "evaluate", distribution="rfdetr"),
                   Target("rfdetr.main", "evaluate", distribution="rfdetr"))
 FLAG = "fp16_eval"
@@ -268,8 +269,8 @@ def _flag_off_copy(holder):
 
 def replace_evaluate(original, ctx):
     """The replacement: `evaluate_without_half`, which runs a fp16_eval evaluation without `.half()` (see module doc)."""
-    import functools
     import inspect
+    from shims.patch import wrap
 
     shape = read_fp16_eval_shape(original)
     if ctx.target.module.startswith("rfdetr"):
@@ -295,8 +296,9 @@ def replace_evaluate(original, ctx):
             from shims.errors import ShimsPatchError
             raise ShimsPatchError(f"shims patch 'detr' could not convert {ctx.target}: {reason} (SHIMS_STRICT=1)")
 
-    @functools.wraps(original)
-    def evaluate_without_half(*args, **kwargs):
+    def evaluate_without_half(wrapped, instance, args, kwargs):
+        if instance is not None:  # a method: the original takes its instance first
+            args = (instance,) + tuple(args)
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError:
@@ -333,23 +335,26 @@ def replace_evaluate(original, ctx):
                 record.note(f"{ctx.target}: the evaluation changed {len(changed)} model tensor(s) anyway, e.g. "
                             f"{changed[0]} (not a conversion this patch knows)")
 
-    return evaluate_without_half
+    return wrap(original, evaluate_without_half)
 
 
 def detect_half_conversion(original, ctx):
     """Observe-only: each evaluation with fp16_eval set is reported at its call site; nothing is changed."""
-    import functools
     import inspect
     import sys
+    from shims.patch import wrap
 
     shape = read_fp16_eval_shape(original)
     signature = inspect.signature(original)
     record = ctx.record
     half_lines = ", ".join(f"{shape.where(n)} `{t}`" for n, m, _, t in shape.conversions if m == "half")
 
-    @functools.wraps(original)
-    def evaluate_observed(*args, **kwargs):
+    def evaluate_observed(wrapped, instance, args, kwargs):
+        if instance is not None:
+            args = (instance,) + tuple(args)
         frame = sys._getframe(1)
+        while frame is not None and frame.f_globals.get("__name__", "").startswith("wrapt."):
+            frame = frame.f_back  # wrapt's pure-Python wrappers (C extension off) add frames
         call_site = f"{frame.f_code.co_filename}:{frame.f_lineno}"
         del frame
         try:
@@ -371,7 +376,7 @@ def detect_half_conversion(original, ctx):
                 fix="SHIMS_MODE=fix with the detr patch: autocast + no_grad, the model stays float32")
         return result
 
-    return evaluate_observed
+    return wrap(original, evaluate_observed)
 
 
 PATCH = Patch(
@@ -383,6 +388,7 @@ PATCH = Patch(
     fingerprint=fingerprint,
     distribution=None,  # rfdetr's targets carry distribution="rfdetr"; user LW-DETR code has no version
     fixed_in=RFDETR_FIXED_IN,
+    torch=">=2.0",  # torch.autocast(device_type=...) and no_grad / inference_mode exist throughout
     options=(
         Option("MODULES", "list", default=("engine",),
                help="user modules whose evaluate has the LW-DETR fp16_eval block (rfdetr's are always targets)"),

@@ -97,6 +97,7 @@ PATCH = Patch(
     detect=detect_dead_forward,
     fingerprint=fingerprint,
     distribution=None,
+    torch=">=2.0",  # a rewrite of the script's own source: nothing of torch's beyond what the script uses
     options=(
         Option("FUNCTIONS", "list", default=("fit_one_epoch",),
                help="functions to rewrite, in the script and in MODULES (fit_one_epoch is always included)"),
@@ -104,5 +105,5 @@ PATCH = Patch(
                help="importable modules that define the functions (besides the script being run)"),
     ),
     docs="docs/patches/doctr.md",
-    upstream="mindee/doctr#1861, PR #1862 (183cf65a52)",
+    upstream="mindee/doctr#1861, PR #1862 (183cf65a52; first release with the fix: v0.12.0)",
 )

@@ -38,40 +38,46 @@ def _list(out=sys.stdout):
     for patch in patches:
         options = cfg.options[patch.name] if cfg else {o.name: o.default for o in patch.options}
         targets = patch.resolve_targets(options)
-        # the packages whose version decides: the patch's own, or per target (detr: rfdetr's targets, user code)
-        packages = {}
-        for target in targets:
-            dist = target.distribution or patch.distribution
-            packages.setdefault(dist, []).append(str(target))
         out.write(f"{patch.name}: {patch.summary}\n")
         out.write(f"  targets:    {', '.join(str(t) for t in targets)}\n")
+        torch_here = versions.installed("torch")
         verdicts = []
-        for dist, names in packages.items():
-            if dist is None:
-                scope = "the script being run and the modules its options name" if len(packages) == 1 else \
-                    ", ".join(names)
-                out.write(f"  package:    user code ({scope}; no version check, the function's shape decides)\n")
-                verdicts.append(None)
-                continue
-            installed = versions.installed(dist)
-            scope = "" if len(packages) == 1 else f" for {', '.join(names)}"
-            out.write(f"  package:    {dist}{scope} (supported {patch.supported or 'any'}"
-                      f"{', fixed upstream in ' + patch.fixed_in if patch.fixed_in else ''}); installed: "
-                      f"{installed or 'not installed'}\n")
-            if installed is None:
-                verdicts.append(f"{dist} is not installed here")
+        # each target's ranges (targets with the same ranges share a line): the framework or user code, the release
+        # that fixed it upstream, torch
+        groups = {}
+        for target in targets:
+            groups.setdefault(target.ranges(patch), []).append(target)
+        for (distribution, supported, fixed_in, torch_range), members in groups.items():
+            if distribution is None:
+                what = "user code (no version check: the function's shape decides)"
+                verdict = None
             else:
-                verdict = versions.verdict(patch, installed, dist)
-                verdicts.append(verdict[1] if verdict else None)
+                installed = versions.installed(distribution)
+                what = (f"{distribution} {supported or 'any version'}"
+                        f"{'; fixed upstream in ' + fixed_in if fixed_in else '; not fixed upstream'}; "
+                        f"installed: {installed or 'not installed'}")
+                verdict = (f"{distribution} is not installed here" if installed is None
+                           else versions.verdict(patch, installed, distribution, supported, fixed_in))
+                verdict = verdict[1] if isinstance(verdict, tuple) else verdict
+            if verdict is None and distribution != "torch":
+                found = versions.torch_verdict(torch_range, torch_here)
+                verdict = found[1] if found else None
+            if distribution != "torch":
+                what += f"; torch {torch_range or 'any'} (installed: {torch_here or 'not installed'})"
+            names = ", ".join(str(t) for t in members)
+            out.write(f"  {'versions:' if len(groups) == 1 else names + ':'}   {what}\n")
+            verdicts.extend([verdict] * len(members))
+        if patch.upstream:
+            out.write(f"  upstream:   {patch.upstream}\n")
         if why_off.get(patch.name):
             would = f"no: {why_off[patch.name]}"
         elif verdicts and all(v is not None for v in verdicts):
-            would = "no: " + "; ".join(verdicts)
+            would = "no: " + "; ".join(dict.fromkeys(verdicts))
         else:
             would = "yes, when its target is imported (after a fingerprint check)"
             refused = [v for v in verdicts if v is not None]
             if refused:
-                would += "; not where " + "; ".join(refused)
+                would += "; not where " + "; ".join(dict.fromkeys(refused))
         out.write(f"  would apply: {would}\n")
         for option in patch.options:
             var = f"SHIMS_{patch.name.upper()}_{option.name}"

@@ -177,14 +177,11 @@ class Engine:
         if label is not None and str(target) in rec.targets and rec.targets[str(target)]["status"] == "not-imported":
             del rec.targets[str(target)]
         try:
-            distribution = target.distribution or patch.distribution
-            if distribution:
-                # the version verdict comes first: a release that fixed the bug may also have moved the function
-                from shims import versions
-                rec.version = versions.installed(distribution)
-                verdict = versions.verdict(patch, rec.version, distribution)
-                if verdict is not None:
-                    raise Skip(verdict[1], status=verdict[0])
+            # the version verdict comes first: a release that fixed the bug may also have moved the function
+            from shims import versions
+            verdict = versions.target_verdict(patch, target, rec)
+            if verdict is not None:
+                raise Skip(verdict[1], status=verdict[0])
             *path, attr = qualname.split(".") if not isinstance(owner, dict) else (qualname,)
             try:
                 for part in path:

@@ -1,63 +1,62 @@
-"""Post-import hooks: run a callback right after a named module finishes executing, or at once if it already has.
+"""Post-import hooks, on wrapt's (`wrapt.register_post_import_hook`, the hooks ddtrace and OpenTelemetry rely on).
 
-Why not `wrapt.importer`: importing wrapt 2.x pulls in asyncio (about 110 ms here), five times the budget of
-`import shims.auto` (20 ms). This is the same mechanism (a meta-path finder that chains the real loader), kept to
-what shims needs: hooks keyed by the exact module name, fired once per import, never breaking the import.
+What shims adds on top, in one place:
+- callbacks per module name that can be forgotten again (`forget`, for shims.disable()); wrapt has no removal,
+  so wrapt calls one dispatcher per name and the dispatcher calls whatever is registered now;
+- a module that executes again (`importlib.reload`, or imported anew after removal from sys.modules) fires again:
+  wrapt's hooks are one-shot, so after firing, the dispatcher re-arms itself in wrapt's table (feature-detected:
+  without that table, a reloaded target stays unpatched and `rearm_supported()` says so).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 
 _hooks = {}  # module name -> list of callbacks(module)
-_searching = set()  # names being looked up by our own find_spec (prevents recursion)
+_armed = set()  # module names whose dispatcher wrapt knows
+_lock = threading.RLock()
 
 
-def _fire(module):
-    for callback in list(_hooks.get(module.__name__, ())):
-        callback(module)  # callbacks catch their own errors (engine); a strict-mode error propagates on purpose
+def _table():
+    """wrapt's own registry of pending hooks (name -> list), or None if this wrapt keeps it elsewhere."""
+    import wrapt.importer
+    table = getattr(wrapt.importer, "_post_import_hooks", None)
+    return table if isinstance(table, dict) else None
 
 
-class _ChainedLoader:
-    """Wraps the real loader; after the module executes, fires the hooks. Restores the real loader on the module."""
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __getattr__(self, name):
-        return getattr(self.loader, name)
-
-    def create_module(self, spec):
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module):
-        # put the real loader back first: code that inspects module.__loader__ sees the original
-        module.__loader__ = self.loader
-        if getattr(module, "__spec__", None) is not None:
-            module.__spec__.loader = self.loader
-        self.loader.exec_module(module)
-        _fire(sys.modules.get(module.__name__, module))
+def rearm_supported():
+    return _table() is not None
 
 
-class _PostImportFinder:
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _hooks or fullname in _searching:
-            return None
-        import importlib.util
-        _searching.add(fullname)
+class _Dispatch:
+    """The one hook wrapt holds per module name: calls the callbacks registered now, then re-arms for the next
+    execution of the module."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, module):
         try:
-            spec = importlib.util.find_spec(fullname)
-        except (ImportError, ValueError):
-            return None
+            for callback in list(_hooks.get(self.name, ())):
+                callback(module)  # callbacks catch their own errors (engine); a strict-mode error propagates
         finally:
-            _searching.discard(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return None
-        spec.loader = _ChainedLoader(spec.loader)
-        return spec
+            self._rearm()
 
-
-_FINDER = _PostImportFinder()
+    def _rearm(self):
+        import wrapt.importer
+        table = _table()
+        lock = getattr(wrapt.importer, "_post_import_hooks_lock", None)
+        if table is None or lock is None:
+            with _lock:
+                _armed.discard(self.name)
+            return
+        with lock:
+            hooks = table.setdefault(self.name, [])
+            if not any(isinstance(h, _Dispatch) and h.name == self.name for h in hooks):
+                hooks.append(self)
 
 
 def when_imported(name, callback):
@@ -65,12 +64,18 @@ def when_imported(name, callback):
 
     Registering the same callback twice for one name has no effect (idempotent).
     """
-    callbacks = _hooks.setdefault(name, [])
-    if callback in callbacks:
+    with _lock:
+        callbacks = _hooks.setdefault(name, [])
+        if callback in callbacks:
+            return
+        callbacks.append(callback)
+        first = name not in _armed
+        _armed.add(name)
+    if first:
+        import wrapt
+        # fires at once (calling every callback so far) when the module is already imported, else after its import
+        wrapt.register_post_import_hook(_Dispatch(name), name)
         return
-    callbacks.append(callback)
-    if _FINDER not in sys.meta_path:
-        sys.meta_path.insert(0, _FINDER)
     module = sys.modules.get(name)
     if module is not None:
         callback(module)
@@ -78,9 +83,8 @@ def when_imported(name, callback):
 
 def forget(callback):
     """Remove `callback` from every module's hook list (used by shims.disable)."""
-    for name in list(_hooks):
-        _hooks[name] = [c for c in _hooks[name] if c != callback]
-        if not _hooks[name]:
-            del _hooks[name]
-    if not _hooks and _FINDER in sys.meta_path:
-        sys.meta_path.remove(_FINDER)
+    with _lock:
+        for name in list(_hooks):
+            _hooks[name] = [c for c in _hooks[name] if c != callback]
+            if not _hooks[name]:
+                del _hooks[name]

@@ -43,14 +43,17 @@ class Target:
     """One attribute a patch replaces: `qualname` ("func" or "Class.method") inside module `module`.
 
     `module` may be `MAIN` for functions defined in the script being run (and in its spawn children).
-    `distribution`: the package whose version decides this target (its patch's `supported` / `fixed_in` apply), when
-    it differs from the patch's own (a patch for a framework and for user code that copied it, like detr).
+    `distribution`: the package whose version decides this target, when it differs from the patch's own (a patch for
+    a framework and for user code that copied it, like detr).
+    `supported`, `fixed_in`, `torch`: this target's own ranges where they differ from the patch's (ColossalAI's
+    LowLevelZero was fixed upstream in 0.3.7, its GeminiDDP never was); None means the patch's.
     """
 
-    __slots__ = ("module", "qualname", "distribution")
+    __slots__ = ("module", "qualname", "distribution", "supported", "fixed_in", "torch")
 
-    def __init__(self, module, qualname, distribution=None):
+    def __init__(self, module, qualname, distribution=None, *, supported=None, fixed_in=None, torch=None):
         self.module, self.qualname, self.distribution = module, qualname, distribution
+        self.supported, self.fixed_in, self.torch = supported, fixed_in, torch
 
     def __repr__(self):
         return f"{self.module}:{self.qualname}"
@@ -60,6 +63,12 @@ class Target:
 
     def __hash__(self):
         return hash((self.module, self.qualname))
+
+    def ranges(self, patch):
+        """(distribution, supported, fixed_in, torch range) in force for this target of `patch`."""
+        pick = lambda own, inherited: inherited if own is None else own  # noqa: E731
+        return (self.distribution or patch.distribution, pick(self.supported, patch.supported),
+                pick(self.fixed_in, patch.fixed_in), pick(self.torch, patch.torch))
 
 
 class Patch:
@@ -72,6 +81,9 @@ class Patch:
     distribution  the installed distribution whose version matters (None for user code, e.g. scripts)
     supported     PEP 440 specifier of the versions the patch was written for ("" = any)
     fixed_in      first version where upstream fixed the bug: at or above it the patch says "fixed upstream"
+    torch         PEP 440 specifier of the torch releases the patch works with ("" = any); shims itself never
+                  requires torch, so a target outside this range is refused with the reason in the receipt
+                  (a Target may narrow `supported`, `fixed_in` and `torch` for itself)
     fingerprint   `fingerprint(original) -> None | str`: a reason to refuse when the target is not what we expect
     detect        `detect(original, ctx) -> None | replacement`: observe-only variant used when SHIMS_MODE=detect
     options       tuple of `Option`
@@ -79,15 +91,15 @@ class Patch:
     """
 
     __slots__ = ("name", "summary", "targets", "replace", "distribution", "supported", "fixed_in", "fingerprint",
-                 "detect", "options", "docs", "upstream")
+                 "detect", "options", "docs", "upstream", "torch")
 
     def __init__(self, *, name, summary, targets, replace, distribution=None, supported="", fixed_in=None,
-                 fingerprint=None, detect=None, options=(), docs="", upstream=""):
+                 fingerprint=None, detect=None, options=(), docs="", upstream="", torch=""):
         if not name.isidentifier() or name.lower() != name:
             raise ValueError(f"patch name {name!r} must be a lower-case identifier")
         values = dict(name=name, summary=summary, targets=targets, replace=replace, distribution=distribution,
                       supported=supported, fixed_in=fixed_in, fingerprint=fingerprint, detect=detect,
-                      options=tuple(options), docs=docs, upstream=upstream)
+                      options=tuple(options), docs=docs, upstream=upstream, torch=torch)
         for key, value in values.items():
             object.__setattr__(self, key, value)
 
@@ -101,6 +113,53 @@ class Patch:
 
     def __repr__(self):
         return f"<Patch {self.name}>"
+
+
+_WRAPPER_CLASSES = None
+
+
+def _wrapper_classes():
+    """wrapt's FunctionWrapper with `__shims_original__` kept on the wrapper itself: a plain attribute set on a wrapt
+    proxy would land on the wrapped function, and mark the original as patched."""
+    global _WRAPPER_CLASSES
+    if _WRAPPER_CLASSES is None:
+        import wrapt
+
+        class BoundShimsWrapper(wrapt.BoundFunctionWrapper):
+            @property
+            def __shims_original__(self):
+                parent = self._self_parent
+                return getattr(parent, "_self_shims_original", None) if parent is not None else None
+
+        class ShimsWrapper(wrapt.FunctionWrapper):
+            __bound_function_wrapper__ = BoundShimsWrapper
+
+            @property
+            def __shims_original__(self):
+                return getattr(self, "_self_shims_original", None)
+
+            @__shims_original__.setter
+            def __shims_original__(self, value):
+                self._self_shims_original = value
+
+        _WRAPPER_CLASSES = ShimsWrapper, BoundShimsWrapper
+    return _WRAPPER_CLASSES
+
+
+def wrap(original, around):
+    """A wrapt FunctionWrapper: calls `around(wrapped, instance, args, kwargs)` in place of `original`.
+
+    The usual shape of a replacement that runs the original with something before, after or around it (DDP's
+    constructor, an evaluate function, an optimizer method). It keeps the original's name, signature, docstring and
+    `__wrapped__`, binds like the original (function, method, staticmethod, classmethod), and the engine records the
+    original on it as `__shims_original__`. Not for what torch.compile traces (a module's forward, a Tensor method):
+    a proxy there is a graph break.
+    """
+    return _wrapper_classes()[0](original, around)
+
+
+def is_wrapper(obj):
+    return _WRAPPER_CLASSES is not None and isinstance(obj, _WRAPPER_CLASSES)
 
 
 class Context:

@@ -188,32 +188,26 @@ def test_import_shims_auto_does_not_import_torch():
     assert proc.stdout.split() == ["False", "True"]
 
 
-def _shims_import_us(stderr):
-    """Cumulative time (us) of shims' own imports in `-X importtime` output: the sum of the cumulative column of the
-    top-level lines (imported by the -c statement itself) named `shims` or `shims.*`. Nested lines are already part
-    of their parent's cumulative time (on 3.11, `shims` is nested under `shims.auto`): adding them would count twice.
-    Modules loaded with importlib.import_module (the patch modules) have no line; their time is in the importer's."""
-    total, seen = 0, set()
-    for line in stderr.splitlines():
-        match = re.match(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|( *)(\S+)\s*$", line)
-        if match and match.group(3) == " " and (match.group(4) == "shims" or match.group(4).startswith("shims.")):
-            total += int(match.group(2))
-            seen.add(match.group(4))
-    assert "shims.auto" in seen, stderr[-3000:]
-    return total
+LOADED_BY_AUTO = """
+import sys
+before = set(sys.modules)
+import shims.auto
+print("\\n".join(sorted(set(sys.modules) - before)))
+"""
 
 
-def test_import_shims_auto_costs_under_20_ms(tmp_path):
-    # as a user's installation runs it: with bytecode cached (this suite may run with PYTHONDONTWRITEBYTECODE=1,
-    # which makes every run compile shims from source); the cache goes to tmp_path, not into the repository
-    env = clean_env(PYTHONPYCACHEPREFIX=tmp_path / "pycache")
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    run_python(["-c", "import shims.auto"], env=env, timeout=TIMEOUT)  # fills the bytecode cache
-    runs = []
-    for _ in range(3):  # best of three: the machine may be busy
-        proc = run_python(["-X", "importtime", "-c", "import shims.auto"], env=env, timeout=TIMEOUT)
-        runs.append(_shims_import_us(proc.stderr))
-    assert min(runs) < 20_000, f"import shims.auto took {min(runs) / 1000:.1f} ms (runs: {runs} us)"
+def test_import_shims_auto_loads_only_shims_wrapt_and_the_standard_library():
+    # what it costs in milliseconds is measured by benchmarks/import_cost.py (never timed in a test); here: what it
+    # loads. Beyond the standard library only shims' own modules and wrapt (the runtime dependency for import hooks)
+    proc = run_python(["-c", LOADED_BY_AUTO], timeout=TIMEOUT)
+    loaded = proc.stdout.split()
+    assert "shims.auto" in loaded
+    stdlib = getattr(sys, "stdlib_module_names", None)
+    if stdlib is None:
+        pytest.skip("sys.stdlib_module_names is new in Python 3.10")
+    foreign = sorted({m for m in loaded if m.split(".")[0] not in stdlib and m.split(".")[0] not in ("shims", "wrapt")
+                      and not m.startswith(("__editable__", "_distutils_hack"))})
+    assert foreign == [], f"import shims.auto loaded {foreign}"
 
 
 # ---------------------------------------------------------------- 3-6. the engine, with a fake patch
@@ -765,6 +759,14 @@ def _other_pythons():
     return found
 
 
+def copy_wrapt_for_another_python(root):
+    """wrapt, shims' runtime dependency, beside a copied shims for another interpreter: its pure-Python code (the C
+    extension is built for this Python; wrapt falls back to Python when it cannot load it)."""
+    import shutil
+    import wrapt
+    shutil.copytree(os.path.dirname(wrapt.__file__), root / "wrapt", ignore=shutil.ignore_patterns("*.so", "*.pyd"))
+
+
 @pytest.mark.parametrize("how", ["import-shims-auto", "booted-child"])
 @pytest.mark.parametrize("minor", ["3.12", "3.13"])
 def test_scripts_are_watched_with_sys_monitoring_on_python_312_and_later(minor, how, tmp_path):
@@ -777,6 +779,7 @@ def test_scripts_are_watched_with_sys_monitoring_on_python_312_and_later(minor, 
     root = tmp_path / "site"
     shutil.copytree(os.path.join(REPO_ROOT, "shims"), root / "shims")  # shims and its patches, as installed,
     shutil.copytree(os.path.join(REPO_ROOT, "patches"), root / "shims" / "patches")  # for that interpreter
+    copy_wrapt_for_another_python(root)
     first_line = "import shims.auto" if how == "import-shims-auto" else "pass"
     script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line=first_line))
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(root), "SHIMS_PATCHES": "doctr",
@@ -791,12 +794,14 @@ def test_scripts_are_watched_with_sys_monitoring_on_python_312_and_later(minor, 
                       "counters": {"functions_rewritten": 1, "forwards_removed": 3}}
 
 
-def test_import_shims_auto_on_this_python_removes_its_tracer_after_the_def(tmp_path):
+def test_import_shims_auto_on_this_python_runs_the_script_with_no_tracer(tmp_path):
+    """3.9-3.11: the rest of the script runs compiled (shims/takeover.py); 3.12+: sys.monitoring. Details and the
+    fallbacks: tests/test_startup.py."""
     script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line="import shims.auto"))
     out = run_python([script], env=clean_env(SHIMS_PATCHES="doctr"))
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["tracer_after"] is False and result["forwards"] == 3
-    assert result["traced"] is (sys.version_info < (3, 12))  # 3.11: a tracer while the module code runs
+    assert result == {"traced": False, "tracer_after": False, "forwards": 3,
+                      "counters": {"functions_rewritten": 1, "forwards_removed": 3}}
 
 
 # ---------------------------------------------------------------- packaging
