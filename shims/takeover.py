@@ -46,7 +46,8 @@ def _runner(frame):
     if back is None:
         return "interpreter"
     code = back.f_code
-    if os.path.basename(code.co_filename) == "runpy.py" and code.co_name == "_run_code":
+    if code.co_filename in ("<frozen runpy>", os.path.join(os.path.dirname(os.__file__), "runpy.py")) \
+            and code.co_name == "_run_code":  # runpy is frozen from 3.11
         outer = back.f_back
         if outer is not None and outer.f_code.co_name == "_run_module_as_main" and outer.f_back is None:
             return "python -m"

@@ -1,0 +1,375 @@
+"""`import shims.auto` is free on every Python (issue 13; shims/takeover.py, docs/startup.md).
+
+On 3.9-3.11 the first-line import runs the rest of the script compiled, with no tracer, and ends the script's original
+execution as the script's own end would. The main check runs each script twice, with `import shims.auto` on line 1
+and with `pass` there, and compares exit status, stdout and stderr exactly: tracebacks, line numbers, sys.exit,
+uncaught exceptions, KeyboardInterrupt, atexit, threads, warnings. Then each fallback, pdb and coverage.
+Subprocesses run this interpreter and, where installed, pyenv's 3.9, 3.10 and 3.12 with the source checkout on
+PYTHONPATH (no torch needed: the doctr patch rewrites a stand-in loop).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO, TESTS, clean_env, write
+
+TIMEOUT = 120
+FIRST_LINES = {"shims": "import shims.auto", "bare": "pass"}
+
+
+def _interpreters():
+    found = {"this": sys.executable}
+    for minor in ("3.9", "3.10", "3.12"):
+        if sys.version.startswith(minor + "."):
+            continue
+        for candidate in sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{minor}.*/bin/python"))):
+            found[minor] = candidate
+            break
+    return found
+
+
+INTERPRETERS = _interpreters()
+ALL = list(INTERPRETERS)
+
+
+def _site_for(python, tmp_path):
+    """PYTHONPATH entries that make shims importable by `python` from the source checkout: the checkout, plus
+    shims' pure-Python dependencies linked from this interpreter when `python` lacks them."""
+    entries = [REPO, TESTS]
+    if python == sys.executable:
+        return entries
+    missing = subprocess.run([python, "-c", "import importlib.util as u; print(' '.join(n for n in "
+                              "('wrapt', 'packaging') if u.find_spec(n) is None))"],
+                             capture_output=True, text=True, timeout=TIMEOUT).stdout.split()
+    if missing:
+        site = tmp_path / "deps"
+        site.mkdir(exist_ok=True)
+        for name in missing:
+            try:
+                module = __import__(name)
+            except ImportError:
+                pytest.skip(f"{name} is importable neither by {python} nor by the test interpreter")
+            link = site / name
+            if not link.exists():
+                os.symlink(os.path.dirname(module.__file__), link)  # wrapt falls back to pure Python elsewhere
+        entries.append(str(site))
+    return entries
+
+
+def run(which, args, tmp_path, *, stdin=None, cwd=None, **extra):
+    python = INTERPRETERS.get(which)
+    if python is None:
+        pytest.skip(f"no Python {which} interpreter on this machine (looked in ~/.pyenv)")
+    env = clean_env(SHIMS_PATCHES="doctr", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(_site_for(python, tmp_path))
+    env.pop("PYTHONUNBUFFERED", None)  # as a user runs it: stdout block-buffered into the pipe
+    return subprocess.run([python, *args], env=env, input=stdin, cwd=cwd or str(tmp_path), capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+# the module the script imports: was a tracer running while the script's imports ran?
+PROBE = """
+import sys
+def nested():
+    return sys.gettrace()
+TRACED = sys.gettrace() is not None or nested() is not None
+"""
+
+# line 1 is FIRST; the doctr-shaped loop makes shims reach the script (a stand-in model counts forwards); what the
+# run was like goes to a side file, so stdout and stderr are the script's own
+SCRIPT = """{first}
+import atexit, json, os, sys, threading
+import startup_probe
+
+
+def fit_one_epoch(model, loader):
+    for x in loader:
+        loss = model(x)
+        loss = model(x)
+    return loss
+
+
+calls = []
+fit_one_epoch(lambda x: calls.append(x) or x, [1, 2, 3])
+with open(os.environ["STARTUP_SIDE"], "w") as f:
+    json.dump({{"traced": startup_probe.TRACED, "tracer_after": sys.gettrace() is not None,
+               "compiled": "__shims_defined__" in globals(), "forwards": len(calls)}}, f)
+{ending}
+"""
+
+ENDINGS = {
+    "normal end": 'print("last line")',
+    "main guard": 'if __name__ == "__main__":\n    print("main guard", __name__, __file__ == sys.argv[0])',
+    "sys.exit(3)": 'print("before exit")\nsys.exit(3)',
+    "sys.exit(message)": 'sys.exit("stopping here")',
+    "SystemExit(0)": "raise SystemExit(0)",
+    "exception at module level": 'x = 1\nraise ValueError("at module level")',
+    "exception in nested calls": "def outer():\n    inner()\n\n\ndef inner():\n    {}['missing']\n\n\nouter()",
+    "chained exception": "try:\n    1 / 0\nexcept ZeroDivisionError as exc:\n    raise RuntimeError('wrapped') from exc",
+    "exception in the loop": "fit_one_epoch(len, (1 / 0 for _ in 'x'))",
+    "KeyboardInterrupt": "raise KeyboardInterrupt",
+    "atexit and threads": (
+        "import time\n"
+        "atexit.register(lambda: print('atexit', '__file__' in globals(), flush=True))\n"
+        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done', flush=True))).start()\n"
+        "print('end of script')"),
+    "atexit after an exception": "atexit.register(print, 'atexit ran')\nraise OSError(5, 'boom')",
+    "custom excepthook": (
+        "import traceback\n"
+        "def hook(kind, value, tb):\n"
+        "    print('hook', kind.__name__, [(os.path.basename(f), n, name) for f, n, name, _ in "
+        "traceback.extract_tb(tb)])\n"
+        "    print('value tb', [n for _, n, _, _ in traceback.extract_tb(value.__traceback__)])\n"
+        "sys.excepthook = hook\n"
+        "raise LookupError('to the hook')"),
+    "warning": "import warnings\nwarnings.warn('careful', UserWarning)\nprint('warned')",
+    "inspect": (
+        "import inspect\n"
+        "def helper():\n    return 1\n"
+        "print(inspect.getsourcelines(helper)[1], inspect.getsource(helper).strip())\n"
+        "print(os.path.basename(inspect.getsourcefile(fit_one_epoch)), inspect.getsourcelines(fit_one_epoch)[1], "
+        "fit_one_epoch.__code__.co_firstlineno)\n"
+        "print(inspect.getsource(sys.modules['__main__']).count('def fit_one_epoch'))"),
+}
+
+
+def _write_case(tmp_path, first, ending, name="train.py"):
+    write(tmp_path / "startup_probe.py", PROBE)
+    return write(tmp_path / name, SCRIPT.format(first=first, ending=ending))
+
+
+def _side(tmp_path):
+    with open(tmp_path / "side.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("ending", list(ENDINGS))
+@pytest.mark.parametrize("which", ALL)
+def test_the_script_behaves_exactly_as_without_shims_and_runs_with_no_tracer(which, ending, tmp_path):
+    results = {}
+    for variant, first in FIRST_LINES.items():
+        folder = tmp_path / variant
+        folder.mkdir()
+        script = _write_case(tmp_path / variant, first, ENDINGS[ending])
+        proc = run(which, [script], folder, STARTUP_SIDE=folder / "side.json")
+        stderr = proc.stderr.replace(str(folder), "<dir>")
+        results[variant] = (proc.returncode, proc.stdout.replace(str(folder), "<dir>"), stderr)
+        results[variant + " side"] = _side(folder)
+    assert results["shims"] == results["bare"], f"with shims: {results['shims']}\nwithout: {results['bare']}"
+    assert results["bare side"]["forwards"] == 6
+    if ending != "exception in the loop":
+        assert results["shims side"]["forwards"] == 3  # the dead forward was removed: shims reached the script
+    assert results["shims side"]["traced"] is False and results["shims side"]["tracer_after"] is False
+    python_is_before_312 = "3.12" not in which and (which != "this" or sys.version_info < (3, 12))
+    assert results["shims side"]["compiled"] is python_is_before_312  # 3.12+: sys.monitoring instead
+
+
+def test_python_dash_m_behaves_as_without_shims(tmp_path):
+    outputs = {}
+    for variant, first in FIRST_LINES.items():
+        folder = tmp_path / variant
+        folder.mkdir()
+        script = _write_case(folder, first, "print(__name__, __spec__.name)\nraise ValueError('from -m')")
+        proc = run("this", ["-m", "train"], folder, STARTUP_SIDE=folder / "side.json")
+        outputs[variant] = (proc.returncode, proc.stdout, proc.stderr.replace(str(folder), "<dir>"))
+    assert outputs["shims"] == outputs["bare"]
+    assert _side(tmp_path / "shims")["compiled"] is (sys.version_info < (3, 12))
+    with open(script) as f:
+        line = f.read().splitlines().index("raise ValueError('from -m')") + 1
+    assert f'File "<dir>/train.py", line {line}, in <module>' in outputs["shims"][2]
+
+
+@pytest.mark.parametrize("first", [
+    "import shims.auto as sa\nassert sa is sys.modules['shims.auto'] and sa.__name__ == 'shims.auto'",
+    "from shims import auto\nassert auto is sys.modules['shims.auto'] and shims_not_bound()",
+    "import json, shims.auto, textwrap\nassert shims.auto and textwrap.dedent and json.dumps",
+    "import os; import shims.auto; ONCE.append(1)",
+    "from __future__ import annotations\nimport shims.auto\ndef f(x: NotDefinedAnywhere) -> AlsoNot: ...",
+])
+def test_the_forms_of_the_import_bind_their_names_and_run_each_statement_once(first, tmp_path):
+    head = "import sys\nONCE = []\nshims_not_bound = lambda: 'shims' not in globals()\nprint('head ran')\n"
+    if first.startswith("from __future__"):
+        head = ""
+    script = _write_case(tmp_path, head + first, "print('once', ONCE) if 'ONCE' in globals() else None")
+    proc = run("this", [script], tmp_path, STARTUP_SIDE=tmp_path / "side.json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("head ran") == (1 if head else 0)
+    if "ONCE.append" in first:
+        assert "once [1]" in proc.stdout
+    assert _side(tmp_path) == {"traced": False, "tracer_after": False, "compiled": sys.version_info < (3, 12),
+                               "forwards": 3}
+
+
+def test_a_thread_importing_shims_auto_while_the_script_runs_does_not_wait_for_its_end(tmp_path):
+    ending = textwrap.dedent("""
+        done = []
+        worker = threading.Thread(target=lambda: (__import__("shims.auto"), done.append(1)), daemon=True)
+        worker.start()
+        worker.join(20)
+        print("thread imported shims.auto:", done == [1])
+    """)
+    script = _write_case(tmp_path, "import shims.auto", ending)
+    proc = run("this", [script], tmp_path, STARTUP_SIDE=tmp_path / "side.json")
+    assert "thread imported shims.auto: True" in proc.stdout, proc.stderr
+
+
+# ---------------------------------------------------------------- fallbacks: each keeps today's behaviour
+
+REASON = "[shims DEBUG] import shims.auto: the rest of the script is not run compiled: "
+
+
+def _fallback(tmp_path, first, *, args=None, stdin=None, ending="print('end')", which="this", files=None):
+    for name, text in (files or {}).items():
+        write(tmp_path / name, text)
+    script = _write_case(tmp_path, first, ending)
+    proc = run(which, args or [script], tmp_path, stdin=stdin, STARTUP_SIDE=tmp_path / "side.json",
+               SHIMS_LOG="DEBUG")
+    return proc, script
+
+
+TRACED_WATCH = {"traced": sys.version_info < (3, 12), "tracer_after": False, "compiled": False, "forwards": 3}
+
+
+@pytest.mark.parametrize("first, reason", [
+    ("if True:\n    import shims.auto", "is not a top-level statement"),
+    ("try:\n    import shims.auto\nexcept ImportError:\n    pass", "is not a top-level statement"),
+    ("def boot():\n    import shims.auto\n\n\nboot()", "not imported by the script's module code itself"),
+    ("import boot_helper", "not imported by the script's module code itself"),
+])
+def test_an_import_that_is_not_a_top_level_statement_of_the_script_falls_back_to_the_traced_watch(
+        first, reason, tmp_path):
+    proc, _ = _fallback(tmp_path, first, files={"boot_helper.py": "import shims.auto\n"})
+    assert proc.returncode == 0, proc.stderr
+    assert _side(tmp_path) == TRACED_WATCH
+    if sys.version_info < (3, 12):
+        assert REASON in proc.stderr and reason in proc.stderr, proc.stderr
+
+
+def test_a_launcher_that_runs_the_script_through_runpy_goes_on_after_it(tmp_path):
+    write(tmp_path / "launcher.py", """
+        import runpy, sys
+        runpy.run_path(sys.argv[1], run_name="__main__")
+        print("launcher goes on")
+    """)
+    script = _write_case(tmp_path, "import shims.auto", "print('end')")
+    proc = run("this", [str(tmp_path / "launcher.py"), script], tmp_path, STARTUP_SIDE=tmp_path / "side.json",
+               SHIMS_LOG="DEBUG")
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "launcher goes on", proc.stderr
+    assert _side(tmp_path) == TRACED_WATCH
+    if sys.version_info < (3, 12):
+        assert "which may go on after it" in proc.stderr
+
+
+def test_python_dash_i_keeps_the_interactive_session_after_the_script(tmp_path):
+    script = _write_case(tmp_path, "import shims.auto", "print('end')")
+    proc = run("this", ["-i", script], tmp_path, stdin="print('repl sees', len(calls))\n",
+               STARTUP_SIDE=tmp_path / "side.json", SHIMS_LOG="DEBUG")
+    assert proc.returncode == 0, proc.stderr
+    assert "repl sees 3" in proc.stdout + proc.stderr
+    assert _side(tmp_path) == TRACED_WATCH
+    if sys.version_info < (3, 12):
+        assert "interactive session" in proc.stderr
+
+
+def test_a_debugger_owning_the_trace_function_is_left_alone(tmp_path):
+    first = "import sys\nsys.settrace(lambda frame, event, arg: None)\nimport shims.auto"
+    proc, _ = _fallback(tmp_path, first, ending="import shims\nprint(json.dumps(shims.status()['patches']['doctr']))")
+    assert proc.returncode == 0, proc.stderr
+    side = _side(tmp_path)
+    assert side["forwards"] == 6 and side["compiled"] is False  # as before issue 13: not reached, and said so
+    receipt = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "trace function (debugger or coverage) is active" in json.dumps(receipt)
+    if sys.version_info < (3, 12):
+        assert "a trace function (a debugger) is active" in proc.stderr
+
+
+def test_a_script_changed_on_disk_since_python_read_it_is_not_run_from_the_new_file(tmp_path):
+    first = "open(__file__, 'a').write('print(\"appended later\")\\n')\nimport shims.auto"
+    proc, _ = _fallback(tmp_path, first)
+    assert proc.returncode == 0 and "appended later" not in proc.stdout, proc.stdout + proc.stderr
+    assert _side(tmp_path) == TRACED_WATCH
+    if sys.version_info < (3, 12):
+        assert "differs from the code the interpreter is running" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_a_script_without_a_file_runs_unchanged(how, tmp_path):
+    """-c and stdin: shims cannot read the source, so it does not know the script defines a target and does not
+    watch it (no cost, not reached), as before issue 13."""
+    write(tmp_path / "startup_probe.py", PROBE)
+    source = SCRIPT.format(first="import shims.auto", ending="print('end')")
+    args, stdin = (["-c", source], None) if how == "-c" else (["-"], source)
+    proc = run("this", args, tmp_path, stdin=stdin, STARTUP_SIDE=tmp_path / "side.json")
+    assert proc.returncode == 0 and proc.stdout.strip() == "end", proc.stderr
+    assert _side(tmp_path) == {"traced": False, "tracer_after": False, "compiled": False, "forwards": 6}
+
+
+# ---------------------------------------------------------------- what runs the script: spawn children, pdb, coverage
+
+def test_a_spawn_child_of_a_first_line_import_script_is_reached_and_returns_to_multiprocessing(tmp_path):
+    ending = textwrap.dedent("""
+        import multiprocessing
+
+
+        def child(queue):
+            seen = []
+            fit_one_epoch(lambda x: seen.append(x) or x, [1, 2])
+            queue.put(len(seen))
+
+
+        if __name__ == "__main__":
+            ctx = multiprocessing.get_context("spawn")
+            queue = ctx.Queue()
+            process = ctx.Process(target=child, args=(queue,))
+            process.start()
+            print("child forwards", queue.get(timeout=90))
+            process.join(90)
+            print("child exit", process.exitcode)
+    """)
+    script = _write_case(tmp_path, "import shims.auto", ending)
+    proc = run("this", [script], tmp_path, STARTUP_SIDE=tmp_path / "side.json")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-3:] == ["child forwards 2", "child exit 0", ""], proc.stdout
+
+
+def test_pdb_runs_the_script_stops_at_its_breakpoints_and_finishes(tmp_path):
+    script = _write_case(tmp_path, "import shims.auto", "print('after the break')\nprint('last')")
+    with open(script) as f:
+        line = f.read().splitlines().index("print('after the break')") + 1
+    commands = f"break {line}\ncontinue\np 'at the break', len(calls)\ncontinue\nquit\n"
+    proc = run("this", ["-m", "pdb", script], tmp_path, stdin=commands, STARTUP_SIDE=tmp_path / "side.json")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"{script}({line})<module>()" in out and "('at the break', " in out, out
+    assert out.index("('at the break'") < out.index("after the break\nlast\n") < out.index("The program finished"), out
+
+
+def test_coverage_measures_the_script_and_shims_reaches_it(tmp_path):
+    try:
+        import coverage  # noqa: F401
+    except ImportError:
+        pytest.skip(f"coverage is not installed in {sys.executable}")
+    script = _write_case(tmp_path, "import shims.auto", "print('end')")
+    data = tmp_path / ".coverage"
+    proc = run("this", ["-m", "coverage", "run", f"--data-file={data}", script], tmp_path,
+               STARTUP_SIDE=tmp_path / "side.json")
+    assert proc.returncode == 0, proc.stderr
+    assert _side(tmp_path)["forwards"] == 3 and _side(tmp_path)["compiled"] is (sys.version_info < (3, 12))
+    report = run("this", ["-m", "coverage", "json", f"--data-file={data}", "-o", str(tmp_path / "c.json")],
+                 tmp_path)
+    assert report.returncode == 0, report.stderr
+    with open(tmp_path / "c.json") as f:
+        files = json.load(f)["files"]
+    measured = next(v for k, v in files.items() if k.endswith("train.py"))
+    with open(script) as f:
+        lines = f.read().splitlines()
+    assert lines.index("print('end')") + 1 in measured["executed_lines"]
+    assert measured["missing_lines"] == [], measured
