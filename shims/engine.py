@@ -233,17 +233,15 @@ class Engine:
                                       f"{exc}") from exc
 
     def _install_detectors(self):
-        """Generic detectors of the observe-only mode (shims.detectors), installed once torch is imported."""
+        """Generic detectors of the observe-only mode (shims.detect), installed once torch is imported. The only way
+        from the engine into shims.detect; it never imports the engine back (it gets `self`)."""
         try:
             import importlib
-            detectors = importlib.import_module("shims.detectors")
-        except ModuleNotFoundError:
-            return
-        try:
-            revert = detectors.install(self)
+            detect = importlib.import_module("shims.detect")
+            revert = detect.install(self)
             if revert is not None:
                 self._reverts.append(revert)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - never break the user's `import torch`; the receipt says why
             rec = self.receipt.record("detect")
             rec.target("torch:detectors", "error", f"{type(exc).__name__}: {exc}")
             if self.config.strict:

@@ -1,4 +1,4 @@
-"""The generic detectors of the observe-only mode (shims.detectors), in-process, on small loops written here.
+"""The generic detectors of the observe-only mode (shims.detect), in-process, on small loops written here.
 
 Each detector must fire on a minimal loop that has the mistake, at the user's line, with the right count, and stay
 silent on the upstream-fixed reference loops (a false positive is a failure). Loops follow the structure of the
@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import shims
-from shims import detectors
+from shims import detect
+from shims.detect import tensors
+from shims.detect.detectors import forwards
 
 SELF = __file__
 
@@ -483,7 +485,7 @@ def test_hook_registered_twice_fires_twice_per_backward():
 def tensors_count_as_on_an_accelerator(monkeypatch):
     """No accelerator on the CI machine: let CPU tensors stand for accelerator tensors, so the counting, the
     per-step rule and the call sites are exercised. (tests/test_detect_cuda.py checks the real thing on CUDA.)"""
-    monkeypatch.setattr(detectors, "_on_accelerator", lambda tensor: True)
+    monkeypatch.setattr(tensors, "on_accelerator", lambda tensor: True)
 
 
 def train_with_host_reads(steps=6):
@@ -574,9 +576,10 @@ def test_detectors_are_installed_and_reverted_completely():
                (torch.Tensor, "__format__"), (torch.Tensor, "register_hook"), (torch.autograd, "grad"),
                (dataloader.DataLoader, "__init__"), (dataloader._BaseDataLoaderIter, "__next__")]
     before = {key: key[0].__dict__.get(key[1]) for key in watched}
-    hook_dicts = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
-                  module_hooks._global_forward_hooks_with_kwargs, module_hooks._global_forward_hooks_always_called,
-                  optimizer_hooks._global_optimizer_post_hooks)
+    tables = [(module_hooks, "_global_forward_hooks"), (module_hooks, "_global_forward_pre_hooks"),
+              (module_hooks, "_global_forward_hooks_with_kwargs"),  # with_kwargs / always_call: newer torches only
+              (module_hooks, "_global_forward_hooks_always_called"), (optimizer_hooks, "_global_optimizer_post_hooks")]
+    hook_dicts = [getattr(owner, name) for owner, name in tables if hasattr(owner, name)]
     hooks_before = [dict(d) for d in hook_dicts]
     receipt = shims.enable(patches="none", mode="detect")
     assert receipt["patches"]["detect"]["status"] == "applied"
@@ -670,7 +673,7 @@ def test_a_cast_that_a_patch_observes_itself_is_not_reported_twice(tmp_path, mon
 def test_a_failing_detector_never_breaks_training(monkeypatch):
     def broken(self, *args):
         raise RuntimeError("detector bug")
-    monkeypatch.setattr(detectors.Observer, "_outer_forward", broken)
+    monkeypatch.setattr(forwards.Forwards, "forward_done", broken)
     model, loader, optimizer, scheduler = make_training(batches=3)
     shims.enable(patches="none", mode="detect")
     loss, _ = fit_one_epoch_buggy(model, loader, batch_transforms, optimizer, scheduler)
@@ -684,7 +687,7 @@ def test_a_failing_detector_never_breaks_training(monkeypatch):
 def test_a_failing_detector_raises_in_strict_mode(monkeypatch):
     def broken(self, *args):
         raise RuntimeError("detector bug")
-    monkeypatch.setattr(detectors.Observer, "_outer_forward", broken)
+    monkeypatch.setattr(forwards.Forwards, "forward_done", broken)
     model, loader, optimizer, scheduler = make_training(batches=2)
     shims.enable(patches="none", mode="detect", strict=True)
     with pytest.raises(RuntimeError, match="detector bug"):
@@ -697,7 +700,7 @@ def test_findings_have_exactly_the_documented_keys():
     assert findings
     for finding in findings:
         assert set(finding) == {"kind", "message", "where", "count", "cost", "fix"}
-        assert finding["kind"] in detectors.KINDS
+        assert finding["kind"] in detect.KINDS
         assert isinstance(finding["count"], int) and finding["count"] >= 1
         path, _, line = finding["where"].rpartition(":")
         assert path and line.isdigit()

@@ -92,7 +92,7 @@ def documented_keys(heading):
 
 
 def test_report_has_exactly_the_documented_schema(demo_runs):
-    from shims import detectors
+    from shims import detect
     _, _, _, report = demo_runs
     assert list(report) == documented_keys("### Top-level keys")
     record_keys = documented_keys("### Keys of a record")
@@ -105,10 +105,10 @@ def test_report_has_exactly_the_documented_schema(demo_runs):
             assert isinstance(finding["count"], int) and finding["count"] >= 1
             assert re.fullmatch(r".+:\d+", finding["where"]), finding["where"]
     for finding in report["patches"]["detect"]["findings"]:
-        assert finding["kind"] in detectors.KINDS
+        assert finding["kind"] in detect.KINDS
     with open(DOCS) as f:
         docs = f.read()
-    for kind in detectors.KINDS:  # every kind the detectors can write is documented
+    for kind in detect.KINDS:  # every kind the detectors can write is documented
         assert f"`{kind}`" in docs, kind
 
 
@@ -132,7 +132,7 @@ def test_detect_mode_through_shims_auto_prints_the_table_and_writes_the_report(t
 
 
 def test_detect_mode_imports_neither_torch_nor_the_detectors_by_itself():
-    proc = run_python(["-c", "import sys, shims.auto; print('torch' in sys.modules, 'shims.detectors' in sys.modules)"],
+    proc = run_python(["-c", "import sys, shims.auto; print('torch' in sys.modules, 'shims.detect' in sys.modules)"],
                       env=clean_env(SHIMS_MODE="detect"), timeout=60)
     assert proc.stdout.split() == ["False", "False"]
 

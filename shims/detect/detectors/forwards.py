@@ -1,0 +1,139 @@
+"""Forwards whose autograd graph no backward ever used.
+
+    unused-forward   a forward (module in train mode, grad on) whose graph no backward reached, while the same module
+                     ran another forward on the very same input tensor in that optimizer step (doctr #1861)
+    eval-with-grad   a module in eval mode run with grad enabled, graph never used: an evaluation building graphs
+
+Watches: each outermost forward with grad on (session.on_forward), its graph (session.watch_graph), optimizer steps.
+Judges: a freed graph never reached. A training forward waits for the end of its optimizer step, since a later forward
+on the same input in that step makes it a duplicate; a lone unused training forward (a skipped batch) is no finding.
+Cost: the measured forward time and its share of the step; for eval, the activations the graph saves (first call).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from shims.detect import report, tensors
+from shims.detect.detector import Detector
+
+
+class _Forward:
+    """One outermost forward with grad on, waiting to learn whether a backward reaches its outputs.
+    `repeats`: forwards of the same module on the very same input tensor in the same optimizer step (1 = alone)."""
+
+    __slots__ = ("name", "training", "seconds", "where", "reached", "judged", "repeats")
+
+    def __init__(self, name, training, seconds, where):
+        self.name, self.training, self.seconds, self.where = name, training, seconds, where
+        self.reached, self.judged, self.repeats = False, False, 1
+
+
+class Forwards(Detector):
+    name = "forwards"
+    kinds = {
+        "unused-forward": "a forward whose autograd graph no backward used, beside another forward of the module in "
+                          "the same optimizer step",
+        "eval-with-grad": "a module in eval mode run with grad enabled; the graph it built was never used",
+    }
+    watches = "forwards"
+    needs = ("node_prehooks", "graph_task_id", "step_hooks")
+
+    def install(self):
+        self._same_input = {}  # module id -> [(weakref to first input tensor, [_Forward...])] in this step
+        self._waiting = []  # unused training forwards, judged when their optimizer step ends
+        self._measured_saved = {}  # where -> bytes of activations an eval graph saves (first call measured)
+        self.session.on_forward(self, self.forward_done)
+        self.session.on_step(self, self.step_done)
+
+    def forward_done(self, call):
+        module, session = call.module, self.session
+        training = module.training
+        name = type(getattr(module, "_orig_mod", module)).__name__  # a torch.compile'd module: the model's name
+        forward = _Forward(name, training, call.seconds, call.where)
+        if training:
+            self._group_by_input(id(module), tensors.first_tensor(session.torch.Tensor, call.args, call.kwargs),
+                                 forward)
+        elif forward.where not in self._measured_saved:
+            self._measured_saved[forward.where] = session.saved_bytes(module, call.nodes)
+        session.watch_graph(self, call.nodes, forward, self.graph_freed)
+
+    def _group_by_input(self, module_id, tensor, forward):
+        """Link forwards of one module on the very same input tensor object within one optimizer step (doctr's
+        stray forward reuses `images`). Object identity, through a weak reference: a new batch is never matched."""
+        if tensor is None:
+            return
+        groups = self._same_input.setdefault(module_id, [])
+        for ref, forwards in groups:
+            if ref() is tensor:
+                forwards.append(forward)
+                for linked in forwards:
+                    linked.repeats = len(forwards)
+                return
+        if len(groups) > 16:  # no optimizer step for a while (a loop without one): forget dead inputs
+            groups[:] = [group for group in groups if group[0]() is not None]
+        try:
+            groups.append((weakref.ref(tensor), [forward]))
+        except TypeError:  # a tensor type without weak references: cannot be matched
+            pass
+
+    def graph_freed(self, forward, reached):
+        forward.reached = reached
+        if forward.training and not reached and not self.session.settling:
+            self._waiting.append(forward)  # a later forward on its input in this step may still come
+        else:
+            self._judge(forward)
+
+    def step_done(self, optimizer):
+        while self._waiting:
+            self._judge(self._waiting.pop())
+        self._same_input.clear()  # a new optimizer step: forwards from now on are compared among themselves
+
+    def finish(self):
+        while self._waiting:
+            self._judge(self._waiting.pop())
+        for forward, reached in self.session.take_alive_graphs(self):
+            forward.reached = reached
+            self._judge(forward)
+
+    def _judge(self, forward):
+        if forward.reached or forward.judged:
+            return
+        forward.judged = True
+        if not forward.training:
+            found = self.session.finding("eval-with-grad", forward.where)
+            found.add(forward.seconds)
+            found.info["name"] = forward.name
+            return
+        if forward.repeats < 2:
+            return  # no other forward on this input in its step (a skipped batch, a metric pass): not a duplicate
+        found = self.session.finding("unused-forward", forward.where)
+        found.add(forward.seconds)
+        found.info["name"] = forward.name
+        found.info["forwards"] = max(forward.repeats, found.info.get("forwards", 0))
+
+    def describe(self, finding):
+        info, seconds, session = finding.info, finding.seconds(), self.session
+        if finding.kind == "unused-forward":
+            message = (f"{info['name']} forward here built an autograd graph that no backward used, while the "
+                       f"module ran {info.get('forwards')} forwards with grad on this same input in that optimizer "
+                       "step")
+            cost = (f"{report.ms(seconds)} per occurrence (measured forward time){session.share(seconds)}; plus its "
+                    "dropout draws and BatchNorm statistics updates, which change training")
+            patch = session.patch_at(finding.where)
+            fix = (f"the {patch} patch removes this forward: run with SHIMS_MODE=fix (the default)" if patch else
+                   "delete this forward if its result is not needed; if only its value is needed, reuse the output "
+                   "of the forward that is backpropagated, or run it under torch.no_grad()")
+            return message, cost, fix
+        saved = self._measured_saved.get(finding.where)
+        message = (f"{info['name']} in eval mode ran forward with grad enabled; the autograd graph it built was "
+                   "never used by a backward")
+        cost = (f"{report.size(saved)} of activations saved for backward per call (measured on the first call), "
+                f"held until the outputs are dropped; forward {report.ms(seconds)} (median)") if saved is not None \
+            else f"an autograd graph per call; forward {report.ms(seconds)} (median)"
+        fix = ("run the evaluation under `with torch.no_grad():` or torch.inference_mode(), or decorate the "
+               "evaluation function with @torch.no_grad() (as DETR-style evaluate functions do)")
+        return message, cost, fix
+
+
+DETECTOR = Forwards
