@@ -50,11 +50,11 @@ stage() {
   printf '%q ' "$@" > "$WORK/$name.cmd"
   if [ -n "$ONLY" ] && [[ $ONLY != *",$name,"* ]]; then echo "not selected (--only)" > "$WORK/$name.skip"; return; fi
   local left=$(( BUDGET - ($(date +%s) - START) ))
-  [ $left -lt $limit ] && limit=$left
-  if [ $limit -lt 5 ]; then
+  if [ $left -lt 5 ]; then
     echo "skipped: the ${BUDGET} s budget was spent" > "$WORK/$name.skip"
     echo "[gpu_check] $name: skipped (budget spent)"; return
   fi
+  [ $left -lt $limit ] && limit=$left
   echo "[gpu_check] $name (limit ${limit} s): $*"
   local t0 rc
   t0=$(date +%s.%N)

@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 STAGES = ["install", "env", "tests_cuda", "doctr", "detr", "tests_cuda_path"]
 PACKAGES = ["torch", "torchvision", "numpy", "python-doctr", "rfdetr", "transformers", "tokenizers",
             "huggingface_hub", "timm", "pycocotools", "pytest"]
-IMPORTS = ["torch", "shims", "shims.patches.doctr", "doctr.models", "rfdetr.engine", "pycocotools.coco", "timm"]
+IMPORTS = ["torch", "shims", "doctr.models", "rfdetr.engine", "pycocotools.coco", "timm"]
 JSON_START, JSON_END = "```json\n", "\n```\n"
 TAIL = 2500  # characters of each stage's log kept in the JSON
 
@@ -44,6 +44,11 @@ def probe_env(path):
             env["imports"][name] = f"ok ({os.path.dirname(getattr(module, '__file__', '') or '')})"
         except Exception as exc:  # noqa: BLE001 - record why, go on
             env["imports"][name] = f"{type(exc).__name__}: {exc}"[:300]
+    try:
+        from shims import registry
+        env["shims_patches"] = [patch.name for patch in registry.load()]
+    except Exception as exc:  # noqa: BLE001
+        env["shims_patches"] = f"{type(exc).__name__}: {exc}"[:300]
     try:
         import torch
         env["torch"], env["cuda_build"] = torch.__version__, torch.version.cuda
@@ -144,8 +149,9 @@ def markdown(results):
               f"- packages: {', '.join(f'{k} {v}' for k, v in (env.get('packages') or {}).items())}", "",
               "## Stages", "", "| stage | status | seconds | limit s | command |", "|---|---|---|---|---|"]
     for name, stage in results["stages"].items():
+        command = stage["command"] if len(stage["command"]) < 160 else stage["command"][:150] + " ..."
         lines.append(f"| {name} | {stage['status']} | {fmt(stage.get('seconds'), '.1f')} | "
-                     f"{stage.get('limit_s', '')} | `{stage['command']}` |")
+                     f"{stage.get('limit_s', '')} | `{command}` |")
     bad_imports = {k: v for k, v in (env.get("imports") or {}).items() if not v.startswith("ok")}
     if bad_imports:
         lines += ["", "Imports that failed: " + "; ".join(f"`{k}`: {v}" for k, v in bad_imports.items())]
