@@ -684,6 +684,17 @@ def test_shims_run_torchrun_reaches_every_worker(tmp_path):
         assert result == {"forwards": 4, "doctr": {"functions_rewritten": 1, "forwards_removed": 4}}, proc.stderr
 
 
+@pytest.mark.parametrize("argv0", ["SCRIPT", "-c", "-m", "-", "", "no-such-file.py"])
+def test_a_child_finds_its_script_from_sys_argv_where_there_is_no_sys_orig_argv(argv0, tmp_path, monkeypatch):
+    """Python 3.9 has no sys.orig_argv (torchrun workers were left unpatched there); when sitecustomize runs,
+    sys.argv[0] is already the script, or -c, -m, - or '' for the other ways of running Python."""
+    from shims import runner
+    script = write(tmp_path / "train.py", "pass")
+    monkeypatch.delattr(sys, "orig_argv", raising=False)
+    monkeypatch.setattr(sys, "argv", [script if argv0 == "SCRIPT" else argv0, "--nproc", "2"])
+    assert runner._script_from_argv() == (script if argv0 == "SCRIPT" else None)
+
+
 def test_disable_withdraws_the_bootstrap_from_child_processes():
     shims.enable(patches=["doctr"])
     assert os.environ.get("SHIMS__BOOT") == "1"

@@ -64,12 +64,12 @@ def _site_for(python, tmp_path):
     return entries
 
 
-def run(which, args, tmp_path, *, stdin=None, cwd=None, **extra):
+def run(which, args, tmp_path, *, stdin=None, cwd=None, extra_path=(), **extra):
     python = INTERPRETERS.get(which)
     if python is None:
         pytest.skip(f"no Python {which} interpreter on this machine (looked in ~/.pyenv)")
     env = clean_env(SHIMS_PATCHES="doctr", **extra)
-    env["PYTHONPATH"] = os.pathsep.join(_site_for(python, tmp_path))
+    env["PYTHONPATH"] = os.pathsep.join([*_site_for(python, tmp_path), *extra_path])
     env.pop("PYTHONUNBUFFERED", None)  # as a user runs it: stdout block-buffered into the pipe
     return subprocess.run([python, *args], env=env, input=stdin, cwd=cwd or str(tmp_path), capture_output=True,
                           text=True, timeout=TIMEOUT)
@@ -352,24 +352,33 @@ def test_pdb_runs_the_script_stops_at_its_breakpoints_and_finishes(tmp_path):
     assert out.index("('at the break'") < out.index("after the break\nlast\n") < out.index("The program finished"), out
 
 
-def test_coverage_measures_the_script_and_shims_reaches_it(tmp_path):
+def test_coverage_measures_the_same_lines_and_branches_and_shims_reaches_the_script(tmp_path):
     try:
-        import coverage  # noqa: F401
+        import coverage
     except ImportError:
         pytest.skip(f"coverage is not installed in {sys.executable}")
-    script = _write_case(tmp_path, "import shims.auto", "print('end')")
-    data = tmp_path / ".coverage"
-    proc = run("this", ["-m", "coverage", "run", f"--data-file={data}", script], tmp_path,
-               STARTUP_SIDE=tmp_path / "side.json")
-    assert proc.returncode == 0, proc.stderr
-    assert _side(tmp_path)["forwards"] == 3 and _side(tmp_path)["compiled"] is (sys.version_info < (3, 12))
-    report = run("this", ["-m", "coverage", "json", f"--data-file={data}", "-o", str(tmp_path / "c.json")],
-                 tmp_path)
-    assert report.returncode == 0, report.stderr
-    with open(tmp_path / "c.json") as f:
-        files = json.load(f)["files"]
-    measured = next(v for k, v in files.items() if k.endswith("train.py"))
+    where = os.path.dirname(os.path.dirname(coverage.__file__))  # coverage's own site, for the subprocess
+    measured = {}
+    for variant, first in FIRST_LINES.items():
+        folder = tmp_path / variant
+        folder.mkdir()
+        script = _write_case(folder, first, "if len(sys.argv) > 5:\n    print('never')\nprint('end')")
+        data = folder / ".coverage"
+        proc = run("this", ["-m", "coverage", "run", "--branch", f"--data-file={data}", script], folder,
+                   extra_path=[where], STARTUP_SIDE=folder / "side.json")
+        assert proc.returncode == 0 and proc.stdout.strip() == "end", proc.stderr
+        report = run("this", ["-m", "coverage", "json", f"--data-file={data}", "-o", str(folder / "c.json")],
+                     folder, extra_path=[where])
+        assert report.returncode == 0, report.stderr
+        with open(folder / "c.json") as f:
+            result = next(v for k, v in json.load(f)["files"].items() if k.endswith("train.py"))
+        measured[variant] = {k: result[k] for k in ("executed_lines", "missing_lines", "missing_branches")}
+    assert measured["shims"] == measured["bare"]
+    assert measured["shims"]["missing_lines"] == [script_line(script, "    print('never')")]
+    side = _side(tmp_path / "shims")
+    assert side["forwards"] == 3 and side["compiled"] is (sys.version_info < (3, 12))
+
+
+def script_line(script, text):
     with open(script) as f:
-        lines = f.read().splitlines()
-    assert lines.index("print('end')") + 1 in measured["executed_lines"]
-    assert measured["missing_lines"] == [], measured
+        return f.read().splitlines().index(text) + 1
