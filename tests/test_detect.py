@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -306,9 +307,60 @@ def test_reference_evaluations_have_no_findings(style):
 # ---------------------------------------------------------------- 3. half-eval
 
 
+def _cpu_float16_kernels():
+    """Whether this torch's CPU build has float16 matmul and batch norm (torch 2.0-2.2 have neither)."""
+    try:
+        with torch.no_grad():
+            nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).half().eval()(torch.zeros(1, 2, dtype=torch.float16))
+        return True
+    except RuntimeError:
+        return False
+
+
+CPU_FLOAT16 = _cpu_float16_kernels()
+
+
+def _cpu_autocast_dtype():
+    """float16 where CPU autocast supports it, else bfloat16 (torch 2.0 CPU autocast is bfloat16 only)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch 2.0 warns before it raises
+            with torch.autocast("cpu", dtype=torch.float16):
+                pass
+        return torch.float16
+    except RuntimeError:
+        return torch.bfloat16
+
+
+CPU_AUTOCAST_DTYPE = _cpu_autocast_dtype()
+
+
+class Float16Sequential(nn.Sequential):
+    """Where the CPU build has no float16 kernels, a float16 forward computed in float32 from the float16 weights:
+    half-eval needs only what stays the same (float16 parameters, the eval-mode call of the cast module)."""
+
+    def forward(self, x):
+        if CPU_FLOAT16 or x.dtype != torch.float16:
+            return super().forward(x)
+        x = x.float()
+        for layer in self:
+            if isinstance(layer, nn.Linear):
+                x = F.linear(x, layer.weight.float(), layer.bias.float())
+            elif isinstance(layer, nn.BatchNorm1d):
+                x = F.batch_norm(x, layer.running_mean.float(), layer.running_var.float(), layer.weight.float(),
+                                 layer.bias.float(), layer.training, layer.momentum, layer.eps)
+            else:
+                x = layer(x)
+        return x.half()
+
+
+def sequential(*layers):
+    return nn.Sequential(*layers) if CPU_FLOAT16 else Float16Sequential(*layers)
+
+
 def make_bn_mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    return sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
 
 
 def test_half_then_evaluation_is_found_at_the_cast():
@@ -352,7 +404,7 @@ def test_half_reference_cases_have_no_findings(case):
     def run():
         if case == "no_norm_layers":
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).half().eval()
+            model = sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).half().eval()
             with torch.no_grad():
                 model(torch.randn(3, 4).half())
         elif case == "cast_back":
@@ -362,7 +414,7 @@ def test_half_reference_cases_have_no_findings(case):
                 model(torch.randn(3, 4))
         elif case == "autocast":
             model = make_bn_mlp().eval()
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+            with torch.no_grad(), torch.autocast("cpu", dtype=CPU_AUTOCAST_DTYPE):
                 model(torch.randn(3, 4))
         else:  # deliberate float16 training, never evaluated: not this detector's business
             model = make_bn_mlp().half().train()
@@ -378,9 +430,14 @@ class BucketReducer:
 
     def __init__(self, params, post_accumulate=False):
         self.queued = []
+        self.accumulators = []  # torch 2.0: the gradient-accumulator nodes hooked (kept alive here)
         for param in params:
-            if post_accumulate:
+            if post_accumulate and hasattr(param, "register_post_accumulate_grad_hook"):
                 param.register_post_accumulate_grad_hook(self.queue_accumulated)
+            elif post_accumulate:  # torch 2.0 (no post-accumulate hook): the accumulator node, as DeepSpeed did
+                accumulator = param.expand_as(param).grad_fn.next_functions[0][0]
+                accumulator.register_hook(lambda *_, param=param: self.queue_accumulated(param))
+                self.accumulators.append(accumulator)
             else:
                 param.register_hook(self.make_queue(param))  # reduction hook
 
@@ -555,7 +612,8 @@ def test_dataloader_without_workers_or_pinning_is_found(tensors_count_as_on_an_a
 def test_dataloader_with_workers_and_pinning_has_no_findings(tensors_count_as_on_an_accelerator):
     def run():
         train_from(torch.utils.data.DataLoader(SlowDataset(), batch_size=2, num_workers=1, pin_memory=True))
-    with pytest.warns(UserWarning, match="pin_memory"):  # no accelerator here: torch warns and does not pin
+    with warnings.catch_warnings():  # no accelerator here: torch does not pin (recent torches warn about it)
+        warnings.filterwarnings("ignore", message=".*pin_memory.*", category=UserWarning)
         assert observe(run) == []
 
 

@@ -44,8 +44,7 @@ class TorchAPI:
         self.node_prehooks = node is not None and hasattr(node, "register_prehook")
         self.step_hooks = getattr(optimizer_hooks, "register_optimizer_step_post_hook", None)
         self.post_accumulate = hasattr(torch.Tensor, "register_post_accumulate_grad_hook")
-        compiler = getattr(torch, "compiler", None)
-        self.is_compiling = getattr(compiler, "is_compiling", None)
+        self.is_compiling = compiler_is_compiling(torch)
         self.compiling_bound_late = self.is_compiling is None  # bind torch._dynamo.is_compiling when it is imported
         if self.is_compiling is None:
             self.is_compiling = dynamo_is_compiling() or _false
@@ -75,6 +74,11 @@ class TorchAPI:
             notes.append("global forward hooks without always_call in this torch: a forward that raises is noticed "
                          "when its module runs again or at the next optimizer step")
         return notes
+
+
+def compiler_is_compiling(torch):
+    """torch.compiler.is_compiling, or None where this torch has none (2.0-2.2)."""
+    return getattr(getattr(torch, "compiler", None), "is_compiling", None)
 
 
 def dynamo_is_compiling():

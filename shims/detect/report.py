@@ -75,7 +75,7 @@ def _unobserved(receipt):
         if rec.get("status") == "error":
             lines.append(f"  {name}: {rec['status']}: {rec['reason']}")
         if name == "detect":
-            lines.extend(f"  {name}: {target}: refused: {state['reason']}"
+            lines.extend(f"  {name}: {target}: {state['reason']}"
                          for target, state in rec.get("targets", {}).items() if state.get("status") == "skipped")
     return lines
 
