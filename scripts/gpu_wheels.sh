@@ -15,6 +15,7 @@ WHEELS=(
   pycocotools==2.0.11                                                  # evaluation (rfdetr, tests/detr_reference.py)
   albumentations==1.4.24 albucore==0.0.23 simsimd==6.5.16 stringzilla==5.3.2   # rfdetr's dataset transforms
   pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5   # for albumentations
+  typing_extensions==4.16.0                                            # pydantic 2.14 needs a recent one
   pyclipper==1.4.0 shapely==2.2.0 rapidfuzz==3.14.6 pypdfium2==4.30.0 anyascii==0.3.3 defusedxml==0.7.1  # doctr
 )
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
