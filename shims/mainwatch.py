@@ -11,9 +11,11 @@ Two mechanisms:
                (line numbers unchanged): no tracer at all, the script's imports run at full speed.
     watched    when the script is already running (`import shims.auto` inside it) or the interpreter runs the
                file itself (a torchrun worker): on Python 3.12+, sys.monitoring LINE events of the script's module
-               code object only; on 3.11, a trace of the script's module frame, during which every Python call
-               pays for the global trace hook (measured: importing torch and doctr took about 1.5 s longer, once
-               per process). Either is removed as soon as the targets are handled.
+               code object only; on 3.9-3.11, a trace of the script's module frame, during which every Python call
+               pays for the global trace hook (measured: importing torch and doctr took about 1.2 s longer, once
+               per process). Either is removed as soon as the targets are handled. On 3.9-3.11 a first-line
+               `import shims.auto` avoids it: shims/takeover.py runs the rest of the script compiled, and the
+               watch is only its fallback (docs/startup.md).
 If a trace function is already set (a debugger, coverage), shims does not replace it: the receipt says so.
 """
 

@@ -200,6 +200,13 @@ def plan(engine, auto_frame, frame):
 
 def _compile_rest(engine, frame):
     """A Takeover, or why not (a sentence; "" when the rest defines no target, so no watch is needed either)."""
+    import warnings
+    with warnings.catch_warnings():  # the interpreter showed the script's compile-time warnings once already
+        warnings.simplefilter("ignore")
+        return _compile_rest_quietly(engine, frame)
+
+
+def _compile_rest_quietly(engine, frame):
     import ast
     from shims import mainwatch
     path = frame.f_code.co_filename

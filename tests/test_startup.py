@@ -131,6 +131,7 @@ ENDINGS = {
         "sys.excepthook = hook\n"
         "raise LookupError('to the hook')"),
     "warning": "import warnings\nwarnings.warn('careful', UserWarning)\nprint('warned')",
+    "compile-time warning": "if len(sys.argv) is 1:\n    print('one argument')",
     "inspect": (
         "import inspect\n"
         "def helper():\n    return 1\n"
@@ -170,6 +171,20 @@ def test_the_script_behaves_exactly_as_without_shims_and_runs_with_no_tracer(whi
     assert results["shims side"]["traced"] is False and results["shims side"]["tracer_after"] is False
     python_is_before_312 = "3.12" not in which and (which != "this" or sys.version_info < (3, 12))
     assert results["shims side"]["compiled"] is python_is_before_312  # 3.12+: sys.monitoring instead
+
+
+@pytest.mark.parametrize("which", ALL)
+def test_breakpoint_in_the_script_stops_there_and_the_script_ends_as_without_shims(which, tmp_path):
+    outputs = {}
+    for variant, first in FIRST_LINES.items():
+        folder = tmp_path / variant
+        folder.mkdir()
+        script = _write_case(folder, first, "breakpoint()\nprint('after the breakpoint')")
+        proc = run(which, [script], folder, stdin="p 'in pdb', __name__, len(calls) > 0\ncontinue\n",
+                   STARTUP_SIDE=folder / "side.json")
+        outputs[variant] = (proc.returncode, proc.stdout.replace(str(folder), "<dir>"), proc.stderr)
+    assert outputs["shims"] == outputs["bare"]
+    assert "('in pdb', '__main__', True)" in outputs["shims"][1] and outputs["shims"][0] == 0
 
 
 def test_python_dash_m_behaves_as_without_shims(tmp_path):
