@@ -130,6 +130,7 @@ def attach_post_accumulate_hooks(original, ctx):
     from shims import gradhooks
     from shims.patch import wrap
     record = ctx.record
+    ctx.note(f"gradient-ready signal: {gradhooks.post_accumulate_mechanism()}")
 
     def hand_gradient_to_colossalai(optimizer, group_id, param):
         record.count("post_accumulate_hook_calls")
@@ -194,6 +195,7 @@ def defer_gemini_reduction(original, ctx):
     func = _function(original)
     signature = inspect.signature(func)
     record = ctx.record
+    ctx.note(f"gradient-ready signal: {gradhooks.post_accumulate_mechanism()}")
 
     def reduce_accumulated(arguments, param):
         arguments["grad"] = param.grad

@@ -347,9 +347,13 @@ class _Watch:
                           f"iterations (up to {self.unused_bytes} bytes of parameters): find_unused_parameters=True "
                           "is needed here; kept")
             return
-        cost = f"about {walk_s * 1e3:.3f} ms per iteration in the unused-parameter search after each forward"
-        if iteration_s:
-            cost += f" ({100 * walk_s / iteration_s:.2f}% of a {iteration_s * 1e3:.1f} ms iteration)"
+        if self.post_forward_s:
+            cost = f"about {walk_s * 1e3:.3f} ms per iteration in the unused-parameter search after each forward"
+            if iteration_s:
+                cost += f" ({100 * walk_s / iteration_s:.2f}% of a {iteration_s * 1e3:.1f} ms iteration)"
+        else:  # torch 2.0: the search runs inside DDP.forward, which has no separate step to time
+            cost = "the unused-parameter search after each forward (not timed on this torch: it runs inside " \
+                   "DistributedDataParallel.forward, which has no _post_forward before torch 2.1)"
         cost += ", plus an all-reduce of an int32" + (f"[{params}]" if params else "") + " used-parameter map"
         message = f"find_unused_parameters=True but 0 unused parameters in {self.observed} iterations"
         advice = ("SHIMS_DDP_FIND_UNUSED=static (a constant unused set is fine), or add "
@@ -410,6 +414,34 @@ def _watched_post_forward(self, output):
     return output
 
 
+def _watched_forward(self, *inputs, **kwargs):
+    """torch 2.0: DDP.forward has no _pre_forward/_post_forward (2.1+); the same guard, error explanation and
+    observation around the whole forward (the unused-parameter search then cannot be timed on its own)."""
+    forward = type(self).forward
+    watch = _WATCHES.get(self) if _WATCHES is not None else None
+    if watch is None:
+        return forward(self, *inputs, **kwargs)
+    grad = watch.torch.is_grad_enabled()
+    if watch.guard_first_sync and grad:
+        if not self.require_backward_grad_sync:
+            raise watch.refuse_no_sync_first()
+        watch.guard_first_sync = False
+    try:
+        result = forward(self, *inputs, **kwargs)
+    except RuntimeError as exc:
+        if watch.decision.changed and _REDUCTION_ERROR in str(exc):
+            raise watch.explain(self, exc) from None
+        raise
+    if watch.observing and grad and self.require_backward_grad_sync and not watch.compiling():
+        watch.after_pre_forward(self)  # DDP's logging data was updated as this forward began
+    return result
+
+
+def _split_forward(ddp):
+    """Whether this DDP splits its forward into _pre_forward / _post_forward (torch 2.1+)."""
+    return hasattr(type(ddp), "_pre_forward") and hasattr(type(ddp), "_post_forward")
+
+
 def _watch(ddp, watch):
     """Install the per-object forward wrappers (instance attributes: other DDP objects are untouched)."""
     global _WATCHES, _EXIT_HOOKED
@@ -419,10 +451,14 @@ def _watch(ddp, watch):
         _WATCHES = weakref.WeakKeyDictionary()
     _WATCHES[ddp] = watch
     watch.parameter_tensors = ddp._get_ddp_logging_data().get("num_parameter_tensors")
-    ddp.__dict__["_pre_forward"] = types.MethodType(_watched_pre_forward, ddp)
+    if _split_forward(ddp):
+        ddp.__dict__["_pre_forward"] = types.MethodType(_watched_pre_forward, ddp)
+    else:
+        ddp.__dict__["forward"] = types.MethodType(_watched_forward, ddp)
     if watch.observing:
         ddp._set_ddp_runtime_logging_sample_rate(1)  # DDP samples its logging data: make it describe every iteration
-        ddp.__dict__["_post_forward"] = types.MethodType(_watched_post_forward, ddp)
+        if _split_forward(ddp):
+            ddp.__dict__["_post_forward"] = types.MethodType(_watched_post_forward, ddp)
         if not _EXIT_HOOKED:
             import atexit
             atexit.register(_finish_all)  # after the engine's own exit hook is registered, so it runs before it
@@ -438,6 +474,7 @@ def _unwatch(ddp, watch):
     ddp.__dict__.pop("_post_forward", None)
     if not watch.decision.changed and not watch.guard_first_sync:
         ddp.__dict__.pop("_pre_forward", None)
+        ddp.__dict__.pop("forward", None)
         if _WATCHES is not None:
             _WATCHES.pop(ddp, None)
 
@@ -461,7 +498,7 @@ def _forget_all():
                 pass
         watch.finished = True
         watch.guard_first_sync = False
-        for name in ("_pre_forward", "_post_forward"):
+        for name in ("_pre_forward", "_post_forward", "forward"):
             ddp.__dict__.pop(name, None)
         _WATCHES.pop(ddp, None)
 
@@ -573,8 +610,7 @@ def fingerprint(init):
     if missing:
         return f"DistributedDataParallel.__init__ has no parameter {', '.join(missing)}"
     owner = init.__globals__.get("DistributedDataParallel")
-    needed = ("_pre_forward", "_post_forward", "_get_ddp_logging_data", "_set_ddp_runtime_logging_sample_rate",
-              "no_sync")
+    needed = ("forward", "_get_ddp_logging_data", "_set_ddp_runtime_logging_sample_rate", "no_sync")
     absent = [n for n in needed if owner is None or not hasattr(owner, n)]
     if absent:
         return f"DistributedDataParallel has no {', '.join(absent)} (a torch this patch was not written for)"

@@ -2,8 +2,8 @@
 
 `code.co_qualname` ("BaseTrainer._setup_train") exists from Python 3.11; on 3.9 and 3.10 a frame only knows its plain
 function name. `qualname(frame)` finds the function object that owns the frame's code (a method of the class of its
-first argument, a function or a class attribute of its module) and takes its `__qualname__`, so call sites written
-as `module:Class.method` match on every Python.
+first argument, a function or a class attribute of its module, else any live function with that code) and takes
+its `__qualname__`, so call sites written as `module:Class.method` match on every Python.
 """
 
 from __future__ import annotations
@@ -42,4 +42,11 @@ def qualname(frame):
             found = _owner_qualname(value, code)
             if found:
                 return found
+    # a nested function (`outer.<locals>.inner`): the function object that owns this code, found through the
+    # garbage collector (a scan of live objects: fine for a call site read once, e.g. per DDP construction)
+    import gc
+    import types
+    for owner in gc.get_referrers(code):
+        if isinstance(owner, types.FunctionType) and owner.__code__ is code:
+            return owner.__qualname__
     return code.co_name

@@ -27,6 +27,12 @@ API
         Observe-only: call `audit.fired(param)` wherever a tensor hook fires; it counts firings that no accumulation
         followed (torch.autograd.grad) and firings repeated within one backward (a hook registered twice).
 
+On torch 2.0 (no post-accumulate-grad hook) the same signal comes from a post-hook on the parameter's gradient
+accumulator node (`AccumulateGrad`), as DeepSpeed and Megatron did before torch 2.1: it runs once per backward, after
+`.grad` is updated, and never for torch.autograd.grad (which captures the gradient instead of running that node).
+shims keeps the node alive (autograd holds it weakly) until the hook is removed. `post_accumulate_mechanism()` says
+which one this torch uses; the receipt of the colossalai patch says it too.
+
 How a firing is matched to its backward: by the autograd graph task (`torch._C._current_graph_task_id()`), never by
 thread-local flags, because autograd runs hooks on its own device threads (CUDA), not on the thread that called
 backward. A tensor hook and the post-accumulate-grad hook of one backward run in the same graph task, one right after
@@ -40,7 +46,7 @@ import threading
 import weakref
 
 __all__ = ["register_reduction_hook", "register_reduction_hooks", "defer_until_accumulated", "clear_deferred",
-           "GradHookAudit", "ReductionHookHandle", "graph_task_id"]
+           "GradHookAudit", "ReductionHookHandle", "graph_task_id", "post_accumulate_hook", "post_accumulate_mechanism"]
 
 
 def graph_task_id():
@@ -57,9 +63,60 @@ def _check_param(param, what):
     if not (param.is_leaf and param.requires_grad):
         raise ValueError(f"{what} needs a leaf tensor with requires_grad=True (a parameter); got a tensor with "
                          f"is_leaf={param.is_leaf}, requires_grad={param.requires_grad}")
-    if not hasattr(param, "register_post_accumulate_grad_hook"):
-        raise RuntimeError(f"{what} needs torch >= 2.1 (Tensor.register_post_accumulate_grad_hook); "
-                           f"this is torch {torch.__version__}")
+    if post_accumulate_mechanism() is None:
+        raise RuntimeError(f"{what} needs Tensor.register_post_accumulate_grad_hook (torch >= 2.1) or hooks on "
+                           f"autograd nodes (torch.autograd.graph.Node.register_hook); torch {torch.__version__} "
+                           "has neither")
+
+
+def post_accumulate_mechanism():
+    """"post-accumulate-grad hook" (torch >= 2.1), "accumulator node hook" (torch 2.0), or None."""
+    import torch
+    if hasattr(torch.Tensor, "register_post_accumulate_grad_hook"):
+        return "post-accumulate-grad hook"
+    node = getattr(getattr(torch.autograd, "graph", None), "Node", None)
+    if node is not None and hasattr(node, "register_hook"):
+        return "accumulator node hook"
+    return None
+
+
+_LIVE_ACCUMULATOR_HOOKS = set()  # autograd keeps AccumulateGrad nodes weakly: a hooked node lives until removed
+
+
+class _AccumulatorHookHandle:
+    """The handle of a hook on a parameter's AccumulateGrad node; keeps the node alive until remove() (the node holds
+    its parameter, so a hooked parameter lives until then too, as with DeepSpeed's grad_accs before torch 2.1)."""
+
+    __slots__ = ("node", "handle", "__weakref__")
+
+    def __init__(self, node, handle):
+        self.node, self.handle = node, handle
+        _LIVE_ACCUMULATOR_HOOKS.add(self)
+
+    def remove(self):
+        if self.handle is not None:
+            self.handle.remove()
+        self.node = self.handle = None
+        _LIVE_ACCUMULATOR_HOOKS.discard(self)
+
+
+def post_accumulate_hook(param, hook):
+    """`hook(param)` after each backward accumulates into `param.grad`, never for torch.autograd.grad. Returns a
+    handle with remove(). The post-accumulate-grad hook where torch has it, else the accumulator node's post-hook."""
+    if hasattr(param, "register_post_accumulate_grad_hook"):
+        return param.register_post_accumulate_grad_hook(hook)
+    import torch
+    import weakref
+    with torch.enable_grad():
+        node = param.expand_as(param).grad_fn.next_functions[0][0]
+    param_ref = weakref.ref(param)  # the node holds the parameter; the hook must not add a second strong path
+
+    def after_accumulation(grad_inputs, grad_outputs):
+        live = param_ref()
+        if live is not None:
+            hook(live)
+
+    return _AccumulatorHookHandle(node, node.register_hook(after_accumulation))
 
 
 class ReductionHookHandle:
@@ -94,7 +151,7 @@ def register_reduction_hook(param, hook):
     _check_param(param, "register_reduction_hook")
     if not callable(hook):
         raise TypeError(f"register_reduction_hook: hook must be callable, got {type(hook).__name__}")
-    return ReductionHookHandle([param.register_post_accumulate_grad_hook(hook)])
+    return ReductionHookHandle([post_accumulate_hook(param, hook)])
 
 
 def register_reduction_hooks(params, hook):
@@ -104,7 +161,7 @@ def register_reduction_hooks(params, hook):
         _check_param(param, "register_reduction_hooks")
     if not callable(hook):
         raise TypeError(f"register_reduction_hooks: hook must be callable, got {type(hook).__name__}")
-    return ReductionHookHandle([p.register_post_accumulate_grad_hook(hook) for p in params])
+    return ReductionHookHandle([post_accumulate_hook(p, hook) for p in params])
 
 
 # ---------------------------------------------------------------- deferral: tensor hook -> post-accumulate-grad hook
@@ -155,7 +212,7 @@ def _gate_for(param):
             if live is not None:
                 live.on_accumulated(accumulated)
 
-        gate.handle = param.register_post_accumulate_grad_hook(run_deferred)
+        gate.handle = post_accumulate_hook(param, run_deferred)
         _GATES[key] = (weakref.ref(param), gate)
         weakref.finalize(param, _forget_gate, key, gate)
         return gate
@@ -219,7 +276,7 @@ class GradHookAudit:
                 return
             self.counts["fired"] += 1
             if key not in self._handles:
-                self._handles[key] = param.register_post_accumulate_grad_hook(self._accumulated)
+                self._handles[key] = post_accumulate_hook(param, self._accumulated)
             pending = self._pending.setdefault(key, [])
             stale = [t for t in pending if t != task] if task is not None else list(pending)
             repeated = len(pending) - len(stale)

@@ -23,6 +23,11 @@ from shims.errors import ShimsConfigError, ShimsPatchError
 from shims.patches import ddp as ddp_patch
 from tests import ddp_workers  # the worker script doubles as the launcher
 
+# torch 2.1+ splits DDP.forward into _pre_forward/_post_forward and the unused-parameter search is timed; on torch 2.0
+# it runs inside forward and the cost says it was not timed there
+SEARCH_COST = "ms per iteration" if hasattr(__import__("torch").nn.parallel.DistributedDataParallel, "_post_forward") \
+    else "not timed on this torch"
+
 WORKER = os.path.join(REPO, "tests", "ddp_workers.py")
 NO_FINDING_WARNING = "did not find any unused parameters"  # printed by DDP's C++ reducer on stderr, not `warnings`
 DEFAULTS = {"FIND_UNUSED": "auto", "SAFE_SITES": (), "OBSERVE": 50}
@@ -172,11 +177,12 @@ def test_in_process_safe_site_is_built_false_and_disable_restores_everything(sin
         assert any(f"({__name__}:{function}): find_unused_parameters=True, static_graph=False -> "
                    "find_unused_parameters=False" in n for n in notes), notes
     # the error explainer sits on the objects shims changed; with SHIMS_DDP_OBSERVE=0 nothing watches the others
-    assert "_pre_forward" in ddp.__dict__ and "_pre_forward" not in elsewhere.__dict__
+    hook = "_pre_forward" if hasattr(type(ddp), "_pre_forward") else "forward"  # torch 2.0 has no _pre_forward
+    assert hook in ddp.__dict__ and hook not in elsewhere.__dict__
 
     shims.disable()
     assert DistributedDataParallel.__init__ is original
-    assert "_pre_forward" not in ddp.__dict__ and "_pre_forward" not in sub.__dict__
+    assert hook not in ddp.__dict__ and hook not in sub.__dict__
 
 
 def test_in_process_a_shims_failure_builds_ddp_as_written_or_raises_in_strict_mode(single_rank, monkeypatch):
@@ -371,7 +377,7 @@ def test_auto_elsewhere_keeps_the_flag_and_measures_what_it_costs(cases):
         assert result["receipt"]["counters"]["iterations_observed"] == 5
         note = next(n for n in result["receipt"]["notes"] if "0 unused parameters" in n)
         assert "find_unused_parameters=True but 0 unused parameters in 5 iterations" in note
-        assert "SHIMS_DDP_FIND_UNUSED=static would save about" in note and "ms per iteration" in note
+        assert "SHIMS_DDP_FIND_UNUSED=static would save " in note and SEARCH_COST in note
     for result in each_rank(cases, "auto_const"):
         assert result["find_unused_parameters"] is True and result["error"] is None and result["steps_done"] == 8
         assert any("parameters were unused in 5 of 5 iterations" in n and "is needed here" in n
@@ -385,7 +391,7 @@ def test_detect_mode_builds_ddp_unchanged_and_reports_a_finding_at_the_call_site
         (finding,) = result["receipt"]["findings"]
         assert finding["message"] == "find_unused_parameters=True but 0 unused parameters in 5 iterations"
         assert finding["where"].endswith(f"ddp_workers.py:{build_line()}")
-        assert "ms per iteration" in finding["cost"] and "SHIMS_DDP_FIND_UNUSED=static" in finding["fix"]
+        assert SEARCH_COST in finding["cost"] and "SHIMS_DDP_FIND_UNUSED=static" in finding["fix"]
 
 
 @pytest.mark.slow

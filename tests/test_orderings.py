@@ -103,7 +103,7 @@ def test_patch_unpatch_repatch_in_every_order(patch, order, tmp_path):
     module_name, owner_path, attr, options = CASES[patch]
     _lay_out(patch, tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHIMS_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env["NO_ALBUMENTATIONS_UPDATE"] = "1"
     proc = subprocess.run([sys.executable, "-c", SCRIPT,
                            json.dumps([order, patch, module_name, owner_path, attr, options])],
