@@ -26,7 +26,7 @@ VOCAB = "abcdefghijklmnopqrstuvwxyz"
 
 def fit_one_epoch(model, train_loader, batch_transforms, optimizer, scheduler, amp=False, log=None):
     if amp:
-        scaler = torch.amp.GradScaler(AMP_DEVICE)
+        scaler = grad_scaler()
 
     model.train()
     epoch_loss, steps = 0.0, 0
@@ -69,7 +69,7 @@ def fit_one_epoch(model, train_loader, batch_transforms, optimizer, scheduler, a
 def fit_one_epoch_hand_fixed(model, train_loader, batch_transforms, optimizer, scheduler, amp=False, log=None):
     """The same loop without the stray forward: what doctr PR #1862 (commit 183cf65a52) ships."""
     if amp:
-        scaler = torch.amp.GradScaler(AMP_DEVICE)
+        scaler = grad_scaler()
 
     model.train()
     epoch_loss, steps = 0.0, 0
@@ -109,6 +109,13 @@ def fit_one_epoch_hand_fixed(model, train_loader, batch_transforms, optimizer, s
 
 AMP_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 AMP_DTYPE = torch.float16 if AMP_DEVICE == "cuda" else torch.bfloat16
+
+
+def grad_scaler():
+    """torch.amp.GradScaler(device) where it exists (torch 2.3+); before, only CUDA has one (bfloat16 needs none)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(AMP_DEVICE)
+    return torch.cuda.amp.GradScaler(enabled=AMP_DEVICE == "cuda")
 
 
 class TinyRecognizer(nn.Module):

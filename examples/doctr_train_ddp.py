@@ -18,14 +18,14 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from doctr_train import TinyRecognizer, build_model, synthetic_words, weights_digest  # noqa: E402
+from doctr_train import TinyRecognizer, build_model, grad_scaler, synthetic_words, weights_digest  # noqa: E402
 
 AMP_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fit_one_epoch(model, device, train_loader, batch_transforms, optimizer, scheduler, amp=False):
     if amp:
-        scaler = torch.amp.GradScaler(AMP_DEVICE)
+        scaler = grad_scaler()
 
     model.train()
     epoch_loss, steps = 0.0, 0

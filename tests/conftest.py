@@ -17,6 +17,25 @@ if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
 
+def _patches_importable():
+    """A source checkout on PYTHONPATH (the matrix environments under /work/envs) has no `shims.patches` until the
+    registry maps patches/ onto it; tests import `shims.patches.X` at collection, so map it now."""
+    import importlib.util
+    if importlib.util.find_spec("shims.patches") is None:
+        from shims import registry
+        registry.load()
+
+
+_patches_importable()
+
+# the checkout's sources, for tests that build a wheel or copy shims/ (the matrix stages tests/ without them)
+SOURCE = os.environ.get("TEST_SHIMS_SOURCE") or REPO
+if os.environ.get("TEST_SHIMS_INSTALLED") == "1":  # the matrix: the suite must test the installed wheel
+    import shims as _shims
+    if "site-packages" not in _shims.__file__:
+        raise pytest.UsageError(f"TEST_SHIMS_INSTALLED=1 but shims is imported from {_shims.__file__}")
+
+
 @pytest.fixture(autouse=True)
 def clean_shims(monkeypatch):
     """Every test starts and ends with shims disabled, no SHIMS_* variables and no bootstrap on PYTHONPATH."""

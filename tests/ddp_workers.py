@@ -173,7 +173,9 @@ class Ranks:
     def describe(self):
         parts = [f"timed_out={self.timed_out} returncodes={self.returncodes}"]
         for rank, (out, err) in enumerate(zip(self.stdout, self.stderr)):
-            parts.append(f"--- rank {rank} stdout\n{out[-3000:]}\n--- rank {rank} stderr\n{err[-5000:]}")
+            error = (self.results[rank] or {}).get("error")  # what the worker caught (exit code 3) is only here
+            parts.append(f"--- rank {rank} error: {error}\n--- rank {rank} stdout\n{out[-3000:]}"
+                         f"\n--- rank {rank} stderr\n{err[-5000:]}")
         return "\n".join(parts)
 
 

@@ -10,4 +10,6 @@ def autocast():
 
 
 def grad_scaler():
-    return torch.amp.GradScaler(DEVICE)
+    if hasattr(torch.amp, "GradScaler"):  # torch 2.3+: one GradScaler for every device
+        return torch.amp.GradScaler(DEVICE)
+    return torch.cuda.amp.GradScaler(enabled=DEVICE == "cuda")  # before 2.3 only CUDA's; CPU bfloat16 needs none
