@@ -40,9 +40,16 @@ def install_wheel(python, into):
 
 
 def run(python, code, env):
+    """(wall seconds, CPU seconds user+system) of one whole process."""
     start = time.perf_counter()
-    subprocess.run([python, "-c", code], env=env, check=True, capture_output=True)
-    return time.perf_counter() - start
+    proc = subprocess.Popen([python, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else status
+    if proc.returncode:
+        raise RuntimeError(f"{code!r} failed: {proc.stderr.read().decode()[-2000:]}")
+    proc.stderr.close()
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def shims_own_ms(python, env):
@@ -77,22 +84,28 @@ def main():
         for code in (plain, shims):  # warm the bytecode caches and the page cache
             run(python, code, env)
         times = {"plain": [], "shims": []}
-        ratios = []
+        cpu = {"plain": [], "shims": []}
+        ratios, cpu_ratios = [], []
         for i in range(args.pairs):
             order = ("plain", "shims") if i % 2 == 0 else ("shims", "plain")
             pair = {}
             for name in order:
                 pair[name] = run(python, plain if name == "plain" else shims, env)
-                times[name].append(pair[name])
-            ratios.append(pair["shims"] / pair["plain"])
+                times[name].append(pair[name][0])
+                cpu[name].append(pair[name][1])
+            ratios.append(pair["shims"][0] / pair["plain"][0])
+            cpu_ratios.append(pair["shims"][1] / pair["plain"][1])
         own = [shims_own_ms(python, env) for _ in range(5)]
     import torch
     print(f"python {sys.version.split()[0]}, torch {torch.__version__}, "
           f"shims from {'the editable install' if args.editable else 'its wheel'}, {args.pairs} pairs alternating")
     print(f"  import torch                        median {statistics.median(times['plain']) * 1000:8.1f} ms")
     print(f"  import shims.auto; import torch     median {statistics.median(times['shims']) * 1000:8.1f} ms")
-    print(f"  ratio shims / plain                 median {statistics.median(ratios):.3f} "
+    print(f"  ratio shims / plain, wall           median {statistics.median(ratios):.3f} "
           f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    print(f"  CPU (user+sys): plain {statistics.median(cpu['plain']) * 1000:.1f} ms, shims "
+          f"{statistics.median(cpu['shims']) * 1000:.1f} ms; ratio median {statistics.median(cpu_ratios):.3f} "
+          f"(min {min(cpu_ratios):.3f}, max {max(cpu_ratios):.3f})")
     print(f"  import shims.auto alone: shims' own modules {statistics.median(o[0] for o in own):.1f} ms "
           f"(budget 20 ms), wrapt {statistics.median(o[1] for o in own):.1f} ms (median of 5, -X importtime self "
           "times)")
