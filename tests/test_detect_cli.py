@@ -65,21 +65,26 @@ def test_doctor_reports_each_mistake_of_the_demo_at_its_line(demo_runs):
     stray = line_with(DEMO, 'train_loss = model(images, targets)["loss"]')
     found = {(f["kind"], f["where"]): f for f in report["patches"]["detect"]["findings"]}
     epochs, steps_per_epoch, val_batches = 2, 12, 4
-    assert {key: f["count"] for key, f in found.items()} == {
+    fp16 = "fp16 accuracy n/a" not in doctor.stdout  # older CPU builds of torch: no float16 kernels, no fp16 eval
+    expected = {
         ("unused-forward", stray): epochs * steps_per_epoch,
-        ("eval-with-grad", line_with(DEMO, 'logits = model(images)["logits"]')): (epochs + 1) * val_batches,
+        ("eval-with-grad", line_with(DEMO, 'logits = model(images)["logits"]')): (epochs + fp16) * val_batches,
         ("half-eval", line_with(DEMO, "        model.half()")): 1,
         ("hook-in-autograd-grad", line_with(DEMO, "param.register_hook(self.queue)")): 2 * epochs * steps_per_epoch,
     }
+    if not fp16:  # half-eval is still checked there by tests/test_detect.py (float32 compute from float16 weights)
+        del expected[("half-eval", line_with(DEMO, "        model.half()"))]
+    assert {key: f["count"] for key, f in found.items()} == expected
     # the doctr patch recognises the same stray line statically; the generic finding names that patch as the fix
     assert [f["where"] for f in report["patches"]["doctr"]["findings"]] == [stray]
     assert "doctr patch" in found[("unused-forward", stray)]["fix"]
     # the table on stderr: one row per finding, with its place, then message, cost and fix
     table = doctor.stderr[doctor.stderr.index("shims doctor:"):]
-    assert "shims doctor: 5 finding(s)" in table
+    rows = 5 if fp16 else 4
+    assert f"shims doctor: {rows} finding(s)" in table
     for kind, where in found:
         assert re.search(rf"\d+\s+{re.escape(kind)}\s+\d+\s+{re.escape(where)}\n", table), (kind, where)
-    assert table.count("\n      cost: ") == 5 and table.count("\n      fix:  ") == 5
+    assert table.count("\n      cost: ") == rows and table.count("\n      fix:  ") == rows
     assert "JSON report: " in table
 
 

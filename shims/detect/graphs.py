@@ -1,7 +1,7 @@
 """Whether a backward ever reached an autograd graph, known cheaply and soundly, and what such a graph holds.
 
-`watch(owner, nodes, item, callback)`: one small callable is registered as a pre-hook on each of the graph's output nodes;
-autograd calls it when a backward (or autograd.grad) passes through. A weak reference to that callable dies when
+`watch(owner, nodes, item, callback)`: one small callable is registered as a pre-hook on each of the graph's output
+nodes; autograd calls it when a backward (or autograd.grad) passes through. A weak reference to that callable dies when
 autograd frees those nodes, i.e. when the outputs are dropped; its callback only queues it (no locks, no receipt:
 it runs inside the garbage collector). The session hands queued watches to `callback(item, reached)` at its next
 safe point (after a forward, after an optimizer step, at flush); graphs still alive at the end are taken by their
