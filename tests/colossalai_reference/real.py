@@ -8,6 +8,7 @@ precision mixins, the grad scalers), with small stand-ins for the rest:
     colossalai.accelerator     get_accelerator(): a CPU device that answers to the name "cuda"; streams are no-ops
     colossalai.logging         get_dist_logger(): a standard logger
     colossalai.tensor.moe_tensor.api   is_moe_tensor(): False
+    torch.distributed.reduce_scatter   only where gloo lacks it (torch < ~2.6): all_reduce per chunk, same sums
 Package `__init__` files are not run (they import the whole framework): the packages are empty modules whose
 `__path__` points at the unpacked sources. Nothing here is copied into the repository.
 
@@ -95,6 +96,42 @@ def install(root):
     return importlib.import_module(MODULE)
 
 
+def reduce_scatter_by_all_reduce(dist):
+    """dist.reduce_scatter (list form, SUM) from all_reduce: the same sums, one chunk kept per rank."""
+
+    def reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if op != dist.ReduceOp.SUM or async_op:
+            raise NotImplementedError("the test stand-in does SUM, synchronously, only")
+        for index, chunk in enumerate(input_list):
+            reduced = chunk.clone()
+            dist.all_reduce(reduced, group=group)
+            if index == dist.get_rank(group):
+                output.copy_(reduced)
+
+    return reduce_scatter
+
+
+def provide_reduce_scatter(dist):
+    """ZeRO-2 calls dist.reduce_scatter, which gloo lacks before torch ~2.6: there, stand in with all_reduce (the
+    hooks and buckets under test run unchanged). Returns (why the stand-in is used or None, whether the stand-in
+    equals gloo's reduce_scatter on random chunks where gloo has one, else None)."""
+    import torch
+    world = dist.get_world_size()
+    chunks = [torch.randn(5, generator=torch.Generator().manual_seed(dist.get_rank() * 7 + i)) for i in range(world)]
+    stand_in = reduce_scatter_by_all_reduce(dist)
+    mine = torch.zeros(5)
+    stand_in(mine, chunks)
+    try:
+        native = torch.zeros(5)
+        dist.reduce_scatter(native, chunks)
+    except RuntimeError as exc:
+        if "does not support reduce_scatter" not in str(exc):
+            raise
+        dist.reduce_scatter = stand_in
+        return f"gloo of torch {torch.__version__} has no reduce_scatter ({exc})", None
+    return None, bool(torch.equal(native, mine))
+
+
 def run_scenario(scenario, rank, world, cache_dir):
     import torch
 
@@ -140,8 +177,10 @@ def main(argv):
     with open(scenarios_path) as f:
         scenarios = json.load(f)
     try:
+        stand_in_reason, stand_in_equal = provide_reduce_scatter(dist)
         for scenario in scenarios:
             result = run_scenario(scenario, rank, world, cache_dir)
+            result["reduce_scatter_stand_in"], result["stand_in_equals_gloo"] = stand_in_reason, stand_in_equal
             torch.save(result, os.path.join(out_dir, f"{scenario['name']}.rank{rank}.pt"))
             dist.barrier()
     finally:
