@@ -257,7 +257,8 @@ def test_graph_task_id_is_negative_outside_backward_and_shared_by_one_backwards_
     w = leaf()
     ids = []
     w.register_hook(lambda grad: ids.append(gradhooks.graph_task_id()))
-    w.register_post_accumulate_grad_hook(lambda p: ids.append(gradhooks.graph_task_id()))
+    # shims' reduction hook: post-accumulate-grad where torch has it (2.1+), the accumulator node's hook before
+    gradhooks.register_reduction_hook(w, lambda p: ids.append(gradhooks.graph_task_id()))
     assert gradhooks.graph_task_id() in (-1, None)
     (2 * w).sum().backward()
     (2 * w).sum().backward()
