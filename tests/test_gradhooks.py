@@ -170,6 +170,9 @@ def test_backward_on_other_threads_keeps_each_parameter_once_per_backward():
 
 
 def test_a_collected_parameter_leaves_nothing_behind():
+    if gradhooks.post_accumulate_mechanism() != "post-accumulate-grad hook":
+        pytest.skip("torch < 2.1: the accumulator node hook keeps a hooked parameter alive until the hook is removed; "
+                    "test_gradhooks_accumulator_node.py::test_removing_the_hook_releases_the_parameter checks that")
     w = leaf()
     deferring(w, [])
     (2 * w).sum().backward()
