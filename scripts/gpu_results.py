@@ -27,28 +27,30 @@ TAIL = 2500  # characters of each stage's log kept in the JSON
 
 
 def probe_env(path):
-    """What the stages will run on; every probe is guarded, so a missing piece is recorded, not fatal."""
+    """What the stages will run on; every probe is guarded, so a missing piece is recorded, not fatal. The file is
+    rewritten after each probe, so a probe killed by the stage's timeout (a slow first import) keeps the earlier ones."""
     import importlib
     import importlib.metadata as md
     env = {"python": sys.version.split()[0], "executable": sys.executable, "platform": platform.platform(),
            "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "pythonpath": os.environ.get("PYTHONPATH", ""), "packages": {}, "imports": {}}
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(env, f, indent=1)
+
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        env["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        env["nvidia_smi"] = f"not available: {exc}"
     for name in PACKAGES:
         try:
             env["packages"][name] = md.version(name)
         except md.PackageNotFoundError:
             env["packages"][name] = None
-    for name in IMPORTS:
-        try:
-            module = importlib.import_module(name)
-            env["imports"][name] = f"ok ({os.path.dirname(getattr(module, '__file__', '') or '')})"
-        except Exception as exc:  # noqa: BLE001 - record why, go on
-            env["imports"][name] = f"{type(exc).__name__}: {exc}"[:300]
-    try:
-        from shims import registry
-        env["shims_patches"] = [patch.name for patch in registry.load()]
-    except Exception as exc:  # noqa: BLE001
-        env["shims_patches"] = f"{type(exc).__name__}: {exc}"[:300]
+    save()
     try:
         import torch
         env["torch"], env["cuda_build"] = torch.__version__, torch.version.cuda
@@ -58,17 +60,25 @@ def probe_env(path):
             env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
                           "memory_gib": round(props.total_memory / 2**30, 1),
                           "multiprocessors": props.multi_processor_count,
-                          "cudnn": torch.backends.cudnn.version(), "bf16": torch.cuda.is_bf16_supported()}
-    except Exception as exc:  # noqa: BLE001
+                          "cudnn": torch.backends.cudnn.version(), "bf16": torch.cuda.is_bf16_supported(),
+                          "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                          "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    except Exception as exc:  # noqa: BLE001 - record why, go on
         env["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    save()
+    for name in IMPORTS:
+        try:
+            module = importlib.import_module(name)
+            env["imports"][name] = f"ok ({os.path.dirname(getattr(module, '__file__', '') or '')})"
+        except Exception as exc:  # noqa: BLE001
+            env["imports"][name] = f"{type(exc).__name__}: {exc}"[:300]
+        save()
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        env["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        env["nvidia_smi"] = f"not available: {exc}"
-    with open(path, "w") as f:
-        json.dump(env, f, indent=1)
+        from shims import registry
+        env["shims_patches"] = [patch.name for patch in registry.load()]
+    except Exception as exc:  # noqa: BLE001
+        env["shims_patches"] = f"{type(exc).__name__}: {exc}"[:300]
+    save()
     print(json.dumps(env, indent=1))
 
 
@@ -145,7 +155,8 @@ def markdown(results):
               f"- device: {gpu.get('name', 'no CUDA device')} (capability {gpu.get('capability', 'n/a')}, "
               f"{gpu.get('memory_gib', 'n/a')} GiB); nvidia-smi: {env.get('nvidia_smi', 'n/a')}",
               f"- python {env.get('python', 'n/a')}, torch {env.get('torch', 'n/a')}, CUDA build "
-              f"{env.get('cuda_build', 'n/a')}, cuDNN {gpu.get('cudnn', 'n/a')}",
+              f"{env.get('cuda_build', 'n/a')}, cuDNN {gpu.get('cudnn', 'n/a')}, TF32 matmul "
+              f"{gpu.get('tf32_matmul', 'n/a')} / cuDNN {gpu.get('tf32_cudnn', 'n/a')}",
               f"- packages: {', '.join(f'{k} {v}' for k, v in (env.get('packages') or {}).items())}", "",
               "## Stages", "", "| stage | status | seconds | limit s | command |", "|---|---|---|---|---|"]
     for name, stage in results["stages"].items():
