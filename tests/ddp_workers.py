@@ -52,7 +52,12 @@ class Detector(nn.Module):
         if self.kind == "timm":
             loss_cls = nn.functional.cross_entropy(out, targets)
             return dict(total_loss=loss_cls, loss_cls=loss_cls)
-        scores, boxes = out["scores"], out["boxes"]  # (B, classes, anchors), (B, 4 * reg_max, anchors)
+        if isinstance(out, dict):  # ultralytics 8.4: the head's training output, already split
+            scores, boxes = out["scores"], out["boxes"]  # (B, classes, anchors), (B, 4 * reg_max, anchors)
+        else:  # older ultralytics: one (B, 4 * reg_max + classes, H, W) map per level
+            head = self.net.model[-1]
+            flat = torch.cat([level.flatten(2) for level in out], 2)
+            boxes, scores = flat.split((4 * head.reg_max, head.nc), 1)
         labels = targets  # (B, anchors): class index, or -1 for background
         onehot = torch.zeros_like(scores)
         positive = labels >= 0
