@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO, clean_env
 
@@ -38,6 +39,8 @@ def run_check(dest, *args, timeout=150, **env):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
+                    reason="the dry run's doctr stage uses amp: examples/doctr_train.py needs torch.amp.GradScaler")
 def test_dry_run_runs_each_stage_records_a_timeout_and_writes_one_results_file(tmp_path):
     # limits far above the GPU's: this 2-core machine is shared, and here only the forced timeout may time out
     results, stdout = run_check(tmp_path, "--only", "env,tests_cuda,doctr,detr", timeout=600, GPU_CHECK_BUDGET=580,
@@ -51,11 +54,13 @@ def test_dry_run_runs_each_stage_records_a_timeout_and_writes_one_results_file(t
     assert stages["tests_cuda_path"]["status"] == "not selected (--only)"
 
     env = results["env"]
-    assert env["python"] == sys.version.split()[0] and env["shims_patches"] == ["doctr", "detr", "ddp", "colossalai"]
+    assert env["python"] == sys.version.split()[0] and {"doctr", "detr"} <= set(env["shims_patches"])
 
     tests = stages["tests_cuda"]["tests"]
     assert stages["tests_cuda"]["status"] == "ok" and tests["failed"] == tests["errors"] == 0
-    assert tests["passed"] + tests["skipped"] == 2  # the two tests of tests/test_detect_cuda.py
+    with open(os.path.join(REPO, "tests", "test_detect_cuda.py")) as f:
+        count = f.read().count("\ndef test_")
+    assert count >= 2 and tests["passed"] + tests["skipped"] == count  # every test of tests/test_detect_cuda.py
 
     doctr = stages["doctr"]
     assert doctr["status"] == "ok", doctr.get("log_tail")
