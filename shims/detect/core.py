@@ -117,7 +117,7 @@ class Session:
         owned = attribute in owner.__dict__
         original = owner.__dict__[attribute] if owned else getattr(owner, attribute)
         current = getattr(owner, attribute)
-        wrapper = make(current)
+        wrapper = make(current)  # a plain function, never a wrapt proxy: torch.compile traces Tensor/Module methods
         wrapper.__wrapped__ = current
         wrapper.__shims_original__ = current
         for field in ("__name__", "__qualname__", "__doc__"):
