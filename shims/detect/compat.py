@@ -58,7 +58,7 @@ class TorchAPI:
 
     def missing(self, *names):
         """None when every named API exists, else the reason for a refusal: which ones this torch lacks."""
-        absent = [self._WHAT.get(name, name) for name in names if not getattr(self, name)]
+        absent = [self._WHAT.get(name, name) for name in names if not getattr(self, name, None)]
         if not absent:
             return None
         version = getattr(self.torch, "__version__", "?")
