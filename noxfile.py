@@ -29,10 +29,12 @@ nox.options.sessions = []  # nothing by default: choose with -t matrix, -t oldes
 REPO = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(REPO, ".nox", "results")
 # pycocotools: the DETR reference evaluates against a COCO ground truth (rfdetr brings it, but not everywhere);
-# pip: the real-ColossalAI test fetches the colossalai sdists with `pip download`
-TEST_EXTRAS = ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "timm>=0.9", "tqdm", "psutil", "pip", "pycocotools"]
+# pip: the real-ColossalAI test fetches the colossalai sdists with `pip download`; setuptools: the packaging tests
+# build a wheel of the checkout offline
+TEST_EXTRAS = ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "timm>=0.9", "tqdm", "psutil", "pip", "pycocotools",
+               "setuptools>=77"]
 # what the suite reads from the checkout besides tests/ (examples run as scripts, docs checked against the code)
-STAGED = ("tests", "examples", "docs", "benchmarks", "pyproject.toml", "README.md")
+STAGED = ("tests", "examples", "docs", "benchmarks", "scripts", "pyproject.toml", "README.md")
 
 # name: (python, torch and its pins, frameworks, tags). Frameworks are the releases users of that torch sit on:
 # python-doctr 0.11.0 and rfdetr need Python >= 3.10; colossalai 0.3.6 is of the torch 2.1/2.2 era.
@@ -45,7 +47,7 @@ COMBINATIONS = {
                       ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics<8.4"], []),
     "py311-torch214": ("3.11", ["torch==2.14.1", "torchvision==0.29.1"],
                        ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics>=8.3"], ["main"]),
-    "py312-torch215": ("3.12", ["torch==2.15.0", "torchvision==0.29.2"],
+    "py313-torch215": ("3.13", ["torch==2.15.0", "torchvision==0.29.2"],
                        ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics>=8.3"], ["newest"]),
 }
 REPORTED = ("torch", "torchvision", "numpy", "python-doctr", "rfdetr", "ultralytics", "colossalai", "timm", "wrapt",
