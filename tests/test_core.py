@@ -19,7 +19,7 @@ from importlib import metadata
 import pytest
 
 import shims
-from conftest import REPO as REPO_ROOT, clean_env, run_python, write
+from conftest import REPO as REPO_ROOT, SOURCE, clean_env, run_python, write
 from shims import config, engine, registry
 from shims.patch import Patch, Skip, Target
 
@@ -789,8 +789,8 @@ def test_scripts_are_watched_with_sys_monitoring_on_python_312_and_later(minor, 
         pytest.skip(f"no Python {minor} interpreter on this machine (looked on PATH and in ~/.pyenv)")
     import shutil
     root = tmp_path / "site"
-    shutil.copytree(os.path.join(REPO_ROOT, "shims"), root / "shims")  # shims and its patches, as installed,
-    shutil.copytree(os.path.join(REPO_ROOT, "patches"), root / "shims" / "patches")  # for that interpreter
+    shutil.copytree(os.path.join(SOURCE, "shims"), root / "shims")  # shims and its patches, as installed,
+    shutil.copytree(os.path.join(SOURCE, "patches"), root / "shims" / "patches")  # for that interpreter
     copy_wrapt_for_another_python(root)
     first_line = "import shims.auto" if how == "import-shims-auto" else "pass"
     script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line=first_line))
@@ -822,7 +822,7 @@ def test_import_shims_auto_on_this_python_runs_the_script_with_no_tracer(tmp_pat
 def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_package(tmp_path):
     """`pip install .` gives `shims` with `shims.patches`; no top-level `patches` lands in site-packages."""
     import zipfile
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", REPO_ROOT, "--no-deps", "--no-build-isolation",
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", SOURCE, "--no-deps", "--no-build-isolation",
                            "-w", str(tmp_path / "wheel"), "-q"], capture_output=True, text=True, timeout=300,
                           cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
     if proc.returncode != 0 and "No module named" in proc.stderr and "setuptools" in proc.stderr:

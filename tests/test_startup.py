@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO, TESTS, clean_env, write
+from conftest import REPO, SOURCE, TESTS, clean_env, write
 
 TIMEOUT = 120
 FIRST_LINES = {"shims": "import shims.auto", "bare": "pass"}
@@ -46,6 +46,7 @@ def _site_for(python, tmp_path):
     entries = [REPO, TESTS]
     if python == sys.executable:
         return entries
+    entries = [SOURCE, TESTS]  # the matrix stages tests/ without the sources (conftest.SOURCE)
     missing = subprocess.run([python, "-c", "import importlib.util as u; print(' '.join(n for n in "
                               "('wrapt', 'packaging') if u.find_spec(n) is None))"],
                              capture_output=True, text=True, timeout=TIMEOUT).stdout.split()
