@@ -52,7 +52,7 @@ class TinyRecognizer(nn.Module):
 
     def __init__(self, classes=5):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                                       nn.AdaptiveAvgPool2d((1, 8)), nn.Flatten())
         self.head = nn.Sequential(nn.Dropout(0.1), nn.Linear(32, classes))
 

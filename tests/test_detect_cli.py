@@ -71,6 +71,7 @@ def test_doctor_reports_each_mistake_of_the_demo_at_its_line(demo_runs):
         ("eval-with-grad", line_with(DEMO, 'logits = model(images)["logits"]')): (epochs + fp16) * val_batches,
         ("half-eval", line_with(DEMO, "        model.half()")): 1,
         ("hook-in-autograd-grad", line_with(DEMO, "param.register_hook(self.queue)")): 2 * epochs * steps_per_epoch,
+        ("conv-bias-batchnorm", line_with(DEMO, "nn.Conv2d(1, 8, 3, padding=1)")): 1,  # its one convolution
     }
     if not fp16:  # half-eval is still checked there by tests/test_detect.py (float32 compute from float16 weights)
         del expected[("half-eval", line_with(DEMO, "        model.half()"))]
@@ -80,7 +81,7 @@ def test_doctor_reports_each_mistake_of_the_demo_at_its_line(demo_runs):
     assert "doctr patch" in found[("unused-forward", stray)]["fix"]
     # the table on stderr: one row per finding, with its place, then message, cost and fix
     table = doctor.stderr[doctor.stderr.index("shims doctor:"):]
-    rows = 5 if fp16 else 4
+    rows = 6 if fp16 else 5
     assert f"shims doctor: {rows} finding(s)" in table
     for kind, where in found:
         assert re.search(rf"\d+\s+{re.escape(kind)}\s+\d+\s+{re.escape(where)}\n", table), (kind, where)

@@ -24,6 +24,9 @@ DETECTOR_MODULES = (
     "param_hooks",  # hook-in-autograd-grad, hook-fired-twice: parameter tensor hooks (ColossalAI #5601)
     "host_sync",    # host-sync: host reads of accelerator tensors in most steps
     "dataloaders",  # dataloader-workers, dataloader-pin-memory: DataLoaders feeding accelerator training
+    "create_graph",  # create-graph-unused: autograd.grad(create_graph=True) whose derivatives no backward used
+    "zero_grad",    # zero-grad-filled: zero_grad(set_to_none=False) zero-fills gradients instead of releasing them
+    "conv_bias",    # conv-bias-batchnorm: a convolution's bias cancelled by the BatchNorm it feeds
 )
 
 _CLASSES = None

@@ -84,6 +84,7 @@ class Session:
         self.accelerator = None  # device type of the first module trained on an accelerator
         self._owner = {}  # kind -> its detector
         self._module_calls, self._forwards, self._steps = [], [], []  # (detector, fn) per event
+        self._module_outputs, self._grad_calls = [], []
         self._handles, self._wrapped, self._undo = [], [], []
         self._failed = set()  # names of the detectors (and core parts) switched off after an error
         self._tls = _Depth()
@@ -103,6 +104,17 @@ class Session:
     def on_module_call(self, detector, fn):
         """fn(module) after every module forward, at any depth, grad on or off (keep it cheap: every call)."""
         self._module_calls.append((detector, fn))
+
+    def on_module_output(self, detector, fn):
+        """fn(module, args, output) after every module forward, like on_module_call (positional inputs only)."""
+        self._module_outputs.append((detector, fn))
+
+    def on_autograd_grad(self, detector, fn):
+        """fn(args, kwargs, frame) before each torch.autograd.grad call (one wrapper, shared by the detectors); it
+        returns None or done(result), called after the call (result None when it raised)."""
+        if not self._grad_calls:
+            self.wrap(self.torch.autograd, "grad", self._autograd_grad_wrapper)
+        self._grad_calls.append((detector, fn))
 
     def on_forward(self, detector, fn):
         """fn(call: ForwardCall) after each outermost forward with grad on that built an autograd graph."""
@@ -225,7 +237,7 @@ class Session:
         if self.api.step_hooks is not None:
             self._handles.append(self.api.step_hooks(self._after_step))
             watching.insert(min(1, len(watching)), "optimizer steps")
-        if self._module_calls or self._forwards:
+        if self._module_calls or self._module_outputs or self._forwards:
             self._install_forward_hooks()
         import atexit
         atexit.register(self._at_exit)
@@ -343,6 +355,8 @@ class Session:
             return
         if self._module_calls:
             self._dispatch(self._module_calls, module)
+        if self._module_outputs:
+            self._dispatch(self._module_outputs, module, args, output)
         if state.depth or not self._forwards or not self._grad_enabled():
             return
         try:
@@ -397,6 +411,30 @@ class Session:
             self.settling = False
         if self._dirty and now >= self._next_publish:
             self._publish()
+
+    def _autograd_grad_wrapper(self, original):
+        session, listeners = self, self._grad_calls
+
+        def grad(*args, **kwargs):
+            done, result = [], None
+            for detector, fn in listeners:
+                if detector.on:
+                    try:
+                        after = fn(args, kwargs, sys._getframe(1))
+                        if after is not None:
+                            done.append((detector, after))
+                    except Exception as exc:  # noqa: BLE001
+                        session.fail(detector, exc)
+            try:
+                result = original(*args, **kwargs)
+                return result
+            finally:
+                for detector, after in done:
+                    try:
+                        after(result)
+                    except Exception as exc:  # noqa: BLE001
+                        session.fail(detector, exc)
+        return grad
 
     def _deliver_graphs(self):
         for detector, callback, item, reached in self.graphs.freed():

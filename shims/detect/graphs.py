@@ -72,11 +72,12 @@ class GraphWatches:
         self._alive.clear()
 
 
-def saved_activation_bytes(roots, own_storages):
+def saved_activation_bytes(roots, own_storages, seen_storages=None):
     """Bytes of the tensors an autograd graph saves for backward, the storages in `own_storages` (a module's
-    parameters and buffers) excluded. Saved tensors with unpack hooks (checkpointing, offloading) are not opened:
-    opening them could run user code."""
-    seen_nodes, seen_storages, total = {}, set(), 0
+    parameters and buffers) excluded; `seen_storages` (a set) collects the storages counted. Saved tensors with unpack
+    hooks (checkpointing, offloading) are not opened: opening them could run user code."""
+    seen_nodes, total = {}, 0
+    seen_storages = set() if seen_storages is None else seen_storages
     stack = list(roots)
     attributes = {}
     while stack and len(seen_nodes) < GRAPH_WALK_LIMIT:

@@ -6,8 +6,8 @@
                             twice)
 
 Watches: Tensor.register_hook on parameters (the hook is wrapped: it returns exactly what the user's hook returns),
-torch.autograd.grad (wrapped: a depth counter). Hooks registered by a module where a patch's own check is applied
-(ColossalAI's optimizer) are left to that patch.
+torch.autograd.grad (session.on_autograd_grad: a depth counter). Hooks registered by a module where a patch's own
+check is applied (ColossalAI's optimizer) are left to that patch.
 Judges: a firing while autograd.grad runs; a second firing of the same (parameter, place, hook code) in one backward.
 Cost: the hook's measured time per spurious firing; for a double firing, an estimate (its work done twice).
 """
@@ -67,7 +67,7 @@ class ParamHooks(Detector):
         self._task_of = {}  # _ParamHook.key -> [graph task id, firings in it]
         self._graph_task = session.api.graph_task_id
         session.wrap(session.torch.Tensor, "register_hook", self._register_hook_wrapper)
-        session.wrap(session.torch.autograd, "grad", self._autograd_grad_wrapper)
+        session.on_autograd_grad(self, self._autograd_grad_called)
 
     def _register_hook_wrapper(self, original):
         detector, parameter = self, self.session.torch.nn.Parameter
@@ -82,16 +82,12 @@ class ParamHooks(Detector):
             return original(self, hook)
         return register_hook
 
-    def _autograd_grad_wrapper(self, original):
-        detector = self
+    def _autograd_grad_called(self, args, kwargs, frame):
+        self._in_autograd_grad += 1
+        return self._autograd_grad_done
 
-        def grad(*args, **kwargs):
-            detector._in_autograd_grad += 1
-            try:
-                return original(*args, **kwargs)
-            finally:
-                detector._in_autograd_grad -= 1
-        return grad
+    def _autograd_grad_done(self, result):
+        self._in_autograd_grad -= 1
 
     def fired(self, probe):
         """Count one firing; True when it is a mistaken one (then the caller times the hook's own work)."""
