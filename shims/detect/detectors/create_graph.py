@@ -60,6 +60,7 @@ class CreateGraph(Detector):
                 return  # the call raised
             nodes = tensors.grad_fns(session.torch.Tensor, result)
             if not nodes:
+                self._extra_bytes.setdefault(where, None)  # measured: nothing (the forward is not walked again)
                 return  # no derivative depends on anything that requires grad: no second graph was built
             if forward_saved is not None:
                 self._extra_bytes[where] = saved_activation_bytes(nodes, forward_saved)
