@@ -27,6 +27,10 @@ DETECTOR_MODULES = (
     "create_graph",  # create-graph-unused: autograd.grad(create_graph=True) whose derivatives no backward used
     "zero_grad",    # zero-grad-filled: zero_grad(set_to_none=False) zero-fills gradients instead of releasing them
     "conv_bias",    # conv-bias-batchnorm: a convolution's bias cancelled by the BatchNorm it feeds
+    "float32_training",  # float32-no-autocast: float32 matmuls/convs outside autocast on a tensor-core device
+    "grad_scaler",  # float16-no-grad-scaler: backward after float16 autocast with no GradScaler
+    "device_copies",  # data-copied-every-epoch: the same host data copied to the device again, though it would fit
+    "optimizers",   # optimizer-for-loop: an optimizer updating accelerator parameters one tensor at a time
 )
 
 _CLASSES = None
