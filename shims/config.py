@@ -7,6 +7,7 @@ Variables (README has the table):
     SHIMS_STRICT    0 (default) | 1: a patch that cannot apply raises instead of being skipped
     SHIMS_REPORT    path of a JSON receipt written at exit ("{pid}" is replaced by the process id)
     SHIMS_LOG       level of the `shims` logger: DEBUG, INFO, WARNING, ERROR, CRITICAL
+    SHIMS_PROFILE_STEPS   detect mode: torch.profiler over this many optimizer steps (doctor's --profile N)
     SHIMS_<PATCH>_<OPTION>   per-patch options, declared by each patch (`python -m shims list` shows them)
 Variables that start with SHIMS__ (two underscores) are internal: shims sets them for the processes a run starts.
 """
@@ -21,7 +22,9 @@ MODES = ("fix", "detect", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
-GLOBAL_VARS = ("SHIMS_PATCHES", "SHIMS_DISABLE", "SHIMS_MODE", "SHIMS_STRICT", "SHIMS_REPORT", "SHIMS_LOG")
+PROFILE_VAR = "SHIMS_PROFILE_STEPS"
+GLOBAL_VARS = ("SHIMS_PATCHES", "SHIMS_DISABLE", "SHIMS_MODE", "SHIMS_STRICT", "SHIMS_REPORT", "SHIMS_LOG",
+               PROFILE_VAR)
 BOOT_VAR = "SHIMS__BOOT"  # set for child processes: their sitecustomize starts shims
 PARENT_VAR = "SHIMS__PARENT_PID"  # the pid of the process that first started shims (children write their own report)
 _EXPORTED = None  # the SHIMS_* variables as they were before export_for_children wrote over them
@@ -30,7 +33,7 @@ _EXPORTED = None  # the SHIMS_* variables as they were before export_for_childre
 class Config:
     """Frozen result of parsing. `patches`: enabled patch names in registry order; `why_off`: name -> reason."""
 
-    __slots__ = ("patches", "why_off", "mode", "strict", "report", "log", "options", "source")
+    __slots__ = ("patches", "why_off", "mode", "strict", "report", "log", "options", "source", "profile_steps")
 
     def __init__(self, **values):
         for key in self.__slots__:
@@ -95,6 +98,17 @@ def _parse_bool(var, text):
     raise ShimsConfigError(f"{var}={text!r} is not valid; valid: 1, 0, true, false, yes, no, on, off")
 
 
+def parse_profile_steps(text, shown=None):
+    """Optimizer steps to profile: a whole number, 1 or more. `shown` names the input in the error (the variable,
+    or doctor's `--profile`); the message says the bad value and what is valid."""
+    value = text.strip()
+    if value.isascii() and value.isdigit() and int(value) >= 1:
+        return int(value)
+    shown = shown or f"{PROFILE_VAR}={text!r}"
+    raise ShimsConfigError(f"{shown} is not valid; valid: a whole number of optimizer steps to profile, 1 or more "
+                           "(e.g. 5; unset: no profiling)")
+
+
 def _parse_option(var, option, text):
     if option.kind == "choice":
         return _parse_choice(var, text, option.choices)
@@ -146,6 +160,8 @@ def parse(environ, registry):
     report = environ.get("SHIMS_REPORT", "").strip() or None
     log = environ.get("SHIMS_LOG", "").strip()
     log = _parse_choice("SHIMS_LOG", log, LOG_LEVELS, fold=str.upper) if log else None
+    profile = environ.get(PROFILE_VAR, "")
+    profile_steps = parse_profile_steps(profile) if profile.strip() else None  # read by detect mode only
 
     why_off = {}
     for name in names:
@@ -165,7 +181,8 @@ def parse(environ, registry):
             values[option.name] = _parse_option(var, option, environ[var]) if var in environ else option.default
         options[patch.name] = values
     return Config(patches=enabled, why_off=why_off, mode=mode, strict=strict, report=report, log=log,
-                  options=options, source=dict((k, v) for k, v in environ.items() if k.startswith("SHIMS_")))
+                  options=options, source=dict((k, v) for k, v in environ.items() if k.startswith("SHIMS_")),
+                  profile_steps=profile_steps)
 
 
 def from_environment(registry, overrides=None):
