@@ -233,7 +233,8 @@ class Session:
             for kind in detector.kinds:
                 self._owner[kind] = detector
             detector.install()
-            watching.append(detector.watches)
+            if detector.watches:  # empty: nothing observed (the profiler when off)
+                watching.append(detector.watches)
         if self.api.step_hooks is not None:
             self._handles.append(self.api.step_hooks(self._after_step))
             watching.insert(min(1, len(watching)), "optimizer steps")
