@@ -210,7 +210,7 @@ def train_float16(steps=3, dtype=torch.float16, scaler=None):
             loss.backward()  # unscaled backward
             optimizer.step()
         else:
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward()  # scaled backward
             scaler.step(optimizer)
             scaler.update()
 
@@ -226,13 +226,40 @@ def test_float16_autocast_without_grad_scaler_is_found_at_the_backward(tensors_c
 
 
 @needs_cpu_float16_autocast
-@pytest.mark.parametrize("scaler_class", scalers(), ids=lambda cls: cls.__module__)
-def test_float16_autocast_with_a_grad_scaler_is_silent(tensors_count_as_on_an_accelerator, scaler_class):  # noqa: F811
-    with warnings.catch_warnings():  # torch.cuda.amp.GradScaler: deprecated in newer torches, and no CUDA here
+@pytest.mark.skipif(not hasattr(getattr(torch, "amp", None), "GradScaler"),
+                    reason=f"torch {torch.__version__} has no torch.amp.GradScaler (its torch.cuda.amp.GradScaler does "
+                           "not scale without CUDA)")
+def test_float16_autocast_with_a_grad_scaler_is_silent(tensors_count_as_on_an_accelerator):  # noqa: F811
+    try:
+        scaler = torch.amp.GradScaler("cpu")
+        train_float16(steps=1, scaler=torch.amp.GradScaler("cpu"))
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        pytest.skip(f"torch {torch.__version__} cannot scale gradients on the CPU: {exc}")
+    assert of_kind(observe(train_float16, steps=3, scaler=scaler), "float16-no-grad-scaler") == []
+
+
+@needs_cpu_float16_autocast
+def test_float16_autocast_with_a_disabled_grad_scaler_is_found(tensors_count_as_on_an_accelerator):  # noqa: F811
+    """GradScaler(enabled=False).scale returns the loss unscaled: nothing protects the float16 gradients."""
+    with warnings.catch_warnings():  # torch.cuda.amp.GradScaler is deprecated in newer torches
         warnings.simplefilter("ignore")
-        scaler = scaler_class(enabled=False)  # what `GradScaler(enabled=args.amp)` gives without CUDA
-        findings = observe(train_float16, steps=3, scaler=scaler)
-    assert of_kind(findings, "float16-no-grad-scaler") == []
+        scaler = scalers()[0](enabled=False)
+    findings = observe(train_float16, steps=2, scaler=scaler)
+    assert [where for where, _ in of_kind(findings, "float16-no-grad-scaler")] == [line_of("scaled backward")]
+
+
+@pytest.mark.parametrize("scaler_class", scalers(), ids=lambda cls: cls.__module__)
+def test_every_grad_scaler_class_of_this_torch_is_watched(scaler_class):
+    """torch.amp.GradScaler (2.3+) and torch.cuda.amp.GradScaler (all): whichever defines scale() is wrapped, so an
+    instance of either is seen scaling."""
+    original = scaler_class.scale
+    shims.enable(patches="none", mode="detect")
+    try:
+        assert scaler_class.scale is not original
+        assert getattr(scaler_class.scale, "__shims_original__", None) is not None
+    finally:
+        shims.disable()
+    assert scaler_class.scale is original
 
 
 def test_bfloat16_autocast_without_grad_scaler_is_silent(tensors_count_as_on_an_accelerator):  # noqa: F811
@@ -548,10 +575,13 @@ def test_cuda_float16_autocast_without_scaler_is_found():
 
 
 @cuda
-def test_cuda_mixed_precision_with_scaler_and_default_adam_is_silent_for_these_detectors(matmul_precision):
+@pytest.mark.parametrize("scaler_class", scalers(), ids=lambda cls: cls.__module__)
+def test_cuda_mixed_precision_with_scaler_and_default_adam_is_silent_for_these_detectors(matmul_precision,
+                                                                                        scaler_class):
     torch.set_float32_matmul_precision("highest")
-    scaler = (torch.amp.GradScaler("cuda") if hasattr(getattr(torch, "amp", None), "GradScaler")
-              else torch.cuda.amp.GradScaler())
+    with warnings.catch_warnings():  # torch.cuda.amp.GradScaler is deprecated in newer torches
+        warnings.simplefilter("ignore")
+        scaler = scaler_class()  # torch.amp.GradScaler defaults to "cuda"
     findings = observe(cuda_training, autocast=torch.float16, scaler=scaler, optimizer="adam")
     assert {f["kind"] for f in findings} <= {"data-copied-every-epoch"}  # the copies are still there, on purpose
 

@@ -6,8 +6,8 @@
 Watches: each outermost forward with grad (session.on_forward: the autocast dtype for its parameters' device),
 torch.autograd.backward (which Tensor.backward calls), GradScaler.scale (torch.amp's and torch.cuda.amp's, whichever
 this torch has; FSDP's ShardedGradScaler from the first float16 forward after it is imported), and the optimizer steps.
-Judges: a backward while a float16-autocast forward of this step is pending and no scale() was called in this step.
-Silent with a GradScaler, with bfloat16 autocast, on the CPU.
+Judges: a backward while a float16-autocast forward of this step is pending and no enabled GradScaler's scale() was
+called in this step. Silent with a GradScaler, with bfloat16 autocast, on the CPU.
 Cost: an estimate: float16 gradients below 6e-8 become zero (below 6.1e-5 they lose precision); no time cost.
 """
 
@@ -70,7 +70,9 @@ class GradScalerMissing(Detector):
         detector = self
 
         def scale(self, outputs):
-            detector._scaled = True
+            enabled = getattr(self, "is_enabled", None)
+            if enabled is None or enabled():  # GradScaler(enabled=False).scale returns the loss as it is
+                detector._scaled = True
             return original(self, outputs)
         return scale
 
@@ -120,7 +122,7 @@ class GradScalerMissing(Detector):
         forward, device = finding.info.get("forward"), finding.info.get("device")
         message = (f"backward here ({finding.count} times) of a loss computed under autocast(dtype=torch.float16) on "
                    f"{device}" + (f" (forward at {forward})" if forward else "") +
-                   " with no GradScaler: gradients too small for float16 flush to zero")
+                   " with no enabled GradScaler scaling it: gradients too small for float16 flush to zero")
         cost = ("estimated: a correctness cost, not a time cost: float16 gradients below 6e-8 become 0 and below "
                 "6.1e-5 lose precision, so small gradients vanish (layers stop learning) or training diverges")
         torch = self.session.torch
