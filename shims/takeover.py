@@ -192,6 +192,7 @@ def plan(engine, auto_frame, frame):
     if reason is None:
         reason = _compile_rest(engine, frame)
         if not isinstance(reason, str):
+            _debug("import shims.auto: the rest of %s runs compiled, with no tracer", reason.path)
             return reason
     if reason:
         _debug("import shims.auto: the rest of the script is not run compiled: %s", reason)
