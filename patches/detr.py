@@ -261,7 +261,10 @@ def _flag_off_copy(holder):
     clone = copy.copy(holder)
     if clone is holder:
         raise TypeError(f"copy.copy({type(holder).__name__}) returned the same object")
-    setattr(clone, FLAG, False)
+    try:
+        setattr(clone, FLAG, False)
+    except AttributeError as exc:  # Python 3.9's "can't set attribute" does not name the class: say which
+        raise AttributeError(f"cannot set {type(holder).__name__}.{FLAG} on a copy: {exc}") from None
     if getattr(clone, FLAG) is not False or not getattr(holder, FLAG):
         raise TypeError(f"{type(holder).__name__} did not keep fp16_eval=False on its copy")
     return clone
@@ -364,8 +367,7 @@ def detect_half_conversion(original, ctx):
         except Exception:  # noqa: BLE001 - observing must never change the call
             flagged = False
         record.count("evaluations_observed")
-        result = original(*args, **kwargs)
-        if flagged:
+        if flagged:  # reported before the call: an evaluation that fails in float16 is reported all the same
             record.count("fp16_evaluations_observed")
             ctx.finding(
                 "fp16-eval-half",
@@ -374,7 +376,7 @@ def detect_half_conversion(original, ctx):
                 "checkpoints stay half; LayerNorm and softmax run in float16)",
                 where=call_site, cost="a permanently float16 model after the first evaluation (rf-detr #117)",
                 fix="SHIMS_MODE=fix with the detr patch: autocast + no_grad, the model stays float32")
-        return result
+        return original(*args, **kwargs)
 
     return wrap(original, evaluate_observed)
 
