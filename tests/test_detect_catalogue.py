@@ -63,7 +63,7 @@ def pinn_steps(residual_in_loss, steps=3):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return monitored
+    return model, monitored
 
 
 def test_create_graph_whose_derivatives_no_backward_uses_is_found():
@@ -76,6 +76,18 @@ def test_create_graph_whose_derivatives_no_backward_uses_is_found():
 
 def test_create_graph_used_by_a_later_backward_has_no_findings():
     assert observe(pinn_steps, residual_in_loss=True, steps=3) == []
+
+
+@pytest.mark.parametrize("residual_in_loss", [False, True])
+def test_create_graph_observed_changes_nothing(residual_in_loss):
+    plain, plain_monitored = pinn_steps(residual_in_loss)
+    shims.enable(patches="none", mode="detect")
+    try:
+        observed, observed_monitored = pinn_steps(residual_in_loss)
+    finally:
+        shims.disable()
+    assert all(torch.equal(a, b) for a, b in zip(plain.parameters(), observed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(plain_monitored, observed_monitored))
 
 
 def test_gradient_penalty_has_no_findings():
