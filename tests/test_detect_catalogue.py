@@ -180,7 +180,8 @@ def test_zero_grad_observed_changes_nothing():
 class Block(nn.Module):
     def __init__(self, dims, bias, between):
         super().__init__()
-        conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+        conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d),
+                      3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
         self.conv = conv(2, 4, 3, padding=1, bias=bias)  # conv definition
         self.norm = norm(4)
         self.between = between
