@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 
 import pytest
@@ -22,7 +23,7 @@ from torch import nn
 import shims
 from shims import config
 from shims.errors import ShimsConfigError
-from tests.conftest import run_python, write
+from tests.conftest import clean_env, run_python, write
 
 TRAIN = """
     import sys
@@ -99,6 +100,50 @@ def test_profiled_run_is_bitwise_identical_to_a_plain_run(runs):
         assert a[name].numpy().tobytes() == b[name].numpy().tobytes(), name
 
 
+SPAWN = """
+    import os
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    from torch import nn
+
+    def worker(rank, world):
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        model = nn.parallel.DistributedDataParallel(nn.Linear(8, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(4):
+            optimizer.zero_grad()
+            model(torch.randn(4, 8)).sum().backward()
+            optimizer.step()
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(worker, args=(2,), nprocs=2)
+"""
+
+
+def test_workers_profile_their_own_steps_beside_the_report(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = write(tmp_path / "spawn.py", SPAWN)
+    proc = run_python(["-m", "shims", "doctor", "--profile", "1", script], cwd=tmp_path, timeout=240,
+                      env=clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    traces = sorted(p for p in os.listdir(tmp_path) if p.endswith(".trace.json"))
+    assert len(traces) == 2 and all(re.fullmatch(r"shims-doctor\.\d+\.trace\.json", p) for p in traces), traces
+    for name in traces:
+        pid = name.split(".")[1]
+        assert f"(pid {pid}) shims doctor --profile 1: torch.profiler, optimizer step 3 (1 of 1 profiled)" in proc.stderr
+        with open(tmp_path / name) as f:
+            assert json.load(f)["traceEvents"]
+    with open(tmp_path / "shims-doctor.json") as f:
+        state = json.load(f)["patches"]["detect"]["targets"]["torch:detectors.profile"]
+    assert state["status"] == "applied" and "no optimizer step in this process" in state["reason"]
+    assert all(str(tmp_path / name) in state["reason"] for name in traces)
+    assert "not profiled" not in proc.stderr
+
+
 # ---------------------------------------------------------------- in process: how a run ends, off, another profiler
 
 def train(steps, during=None):
@@ -164,6 +209,20 @@ def test_a_running_profiler_of_the_script_is_left_alone(tmp_path):
     state = profiled(tmp_path, 2, own_profiler)
     assert state["status"] == "skipped" and "already running" in state["reason"]
     assert not (tmp_path / "r.trace.json").exists()
+
+
+def test_a_profiler_the_script_starts_while_recording_wins(tmp_path):
+    kept = []
+
+    def own_profiler(step):
+        if step == 2:  # the shims profiler is recording now
+            with torch.profiler.profile() as prof:
+                torch.ones(3).sum()
+            kept.append(any(e.key == "aten::sum" for e in prof.key_averages()))
+    state = profiled(tmp_path, 3, lambda: train(6, during=own_profiler))
+    assert kept == [True]  # the script's profiler works; torch cancels ours (2.14+) or ours fails to stop (2.0)
+    assert state["status"] in ("skipped", "error")
+    assert not profiler_on()
 
 
 def test_off_by_default_subscribes_to_nothing(tmp_path, monkeypatch):
@@ -241,7 +300,6 @@ def test_bad_environment_value_is_rejected(value):
 
 def test_bad_environment_value_stops_the_doctor_before_the_script(tmp_path):
     script = write(tmp_path / "train.py", "raise SystemExit('the script ran')\n")
-    from tests.conftest import clean_env
     proc = run_python(["-m", "shims", "doctor", script], env=clean_env(SHIMS_PROFILE_STEPS="0"), check=False)
     assert proc.returncode == 2
     assert "SHIMS_PROFILE_STEPS='0' is not valid" in proc.stderr and "the script ran" not in proc.stderr

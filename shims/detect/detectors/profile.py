@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import weakref
 
 from shims.detect.detector import Detector
@@ -47,6 +48,7 @@ class Profile(Detector):
             self.session.record.target(self.target, "skipped", f"--profile {self.steps}: {reason}")
             return
         self.watches = f"torch.profiler over {self.steps} optimizer step(s)"
+        self._installed_at = time.time()
         self._clock = None  # weak reference to the optimizer whose steps are counted
         self._seen = 0
         self._profiler = None
@@ -116,6 +118,20 @@ class Profile(Detector):
         name = f"shims-profile.{os.getpid()}" if config.is_child() else "shims-profile"
         return os.path.abspath(name + TRACE_SUFFIX)
 
+    def _child_traces(self):
+        """Traces the processes started by this run wrote beside ours (name.<pid>.trace.json) since it started."""
+        import glob
+        root = self._trace_path()[:-len(TRACE_SUFFIX)]
+        found = []
+        for path in sorted(glob.glob(f"{glob.escape(root)}.*{TRACE_SUFFIX}")):
+            pid = path[len(root) + 1:-len(TRACE_SUFFIX)]
+            try:
+                if pid.isdigit() and os.path.getmtime(path) >= self._installed_at:
+                    found.append(path)
+            except OSError:
+                continue
+        return found
+
     # ---------------------------------------------------------------- the end: table and trace
 
     def _stop(self, early=""):
@@ -132,6 +148,11 @@ class Profile(Detector):
             self.session.record.target(self.target, "skipped", f"--profile {self.steps}: {why}")
             return
         events = profiler.key_averages()
+        if not len(events):
+            why = "torch.profiler recorded nothing (a profiler the script started meanwhile took over)"
+            self._say(f"not profiled: {why}")
+            self.session.record.target(self.target, "skipped", f"--profile {self.steps}: {why}")
+            return
         sort_by, unit = _sort_key(events, self.device)
         os.makedirs(os.path.dirname(self.trace_path), exist_ok=True)
         profiler.export_chrome_trace(self.trace_path)
@@ -154,6 +175,11 @@ class Profile(Detector):
                 from shims import config
                 if config.is_child():
                     return  # a DataLoader worker, a launcher's helper: no training here, nothing to say
+                children = self._child_traces()
+                if children:  # a launcher (mp.spawn, torchrun): its workers printed and wrote their own
+                    self.session.record.target(self.target, "applied", f"--profile {self.steps}: no optimizer step "
+                                               f"in this process; its workers' traces: {', '.join(children)}")
+                    return
                 why = "this process made no optimizer step: nothing profiled here"
                 self._say(f"not profiled: {why}")
                 self.session.record.target(self.target, "skipped", f"--profile {self.steps}: {why}")
