@@ -58,8 +58,8 @@ def runs(tmp_path_factory):
 def test_profile_prints_the_top_operators_table(runs):
     folder, _, doctor = runs
     err = doctor.stderr
-    header = "shims doctor --profile 2: torch.profiler, optimizer steps 3-4 (2 of 2 profiled), after 2 warm-up steps; " \
-             "top 15 operators by self CPU time"
+    header = "shims doctor --profile 2: torch.profiler, optimizer steps 3-4 (2 of 2 profiled), after 2 warm-up " \
+             "steps; top 15 operators by self CPU time"
     assert header in err, err[-3000:]
     table = err[err.index(header):]
     assert "Name" in table and "Self CPU" in table
@@ -86,7 +86,7 @@ def test_profile_writes_the_trace_next_to_the_json_report(runs):
         report = json.load(f)
     state = report["patches"]["detect"]["targets"]["torch:detectors.profile"]
     assert state["status"] == "applied" and str(folder / "shims-doctor.trace.json") in state["reason"]
-    assert not [name for name in os.listdir(folder) if name.endswith(".trace.json") and name != "shims-doctor.trace.json"]
+    assert [name for name in os.listdir(folder) if name.endswith(".trace.json")] == ["shims-doctor.trace.json"]
 
 
 def test_profiled_run_is_bitwise_identical_to_a_plain_run(runs):
@@ -134,7 +134,8 @@ def test_workers_profile_their_own_steps_beside_the_report(tmp_path):
     assert len(traces) == 2 and all(re.fullmatch(r"shims-doctor\.\d+\.trace\.json", p) for p in traces), traces
     for name in traces:
         pid = name.split(".")[1]
-        assert f"(pid {pid}) shims doctor --profile 1: torch.profiler, optimizer step 3 (1 of 1 profiled)" in proc.stderr
+        assert f"(pid {pid}) shims doctor --profile 1: torch.profiler, optimizer step 3 (1 of 1 profiled)" \
+            in proc.stderr
         with open(tmp_path / name) as f:
             assert json.load(f)["traceEvents"]
     with open(tmp_path / "shims-doctor.json") as f:
