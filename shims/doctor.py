@@ -68,6 +68,8 @@ def print_table_at_exit():
         try:
             from shims import engine
             current = engine.get()
+            if current.config is None:
+                return  # shims never started (a configuration error, already printed): no table to show
             report = current.report_path()
             if report:
                 current.receipt.write(report)  # again: findings written after the engine's own exit handler
