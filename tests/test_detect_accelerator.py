@@ -133,11 +133,20 @@ def test_functional_matmuls_are_seen_in_the_graph(a100, matmul_precision):
         [(line_of("float32 forward"), 2)]
 
 
-@pytest.mark.parametrize("case", ["autocast", "tf32", "bfloat16 weights", "no matmul", "no optimizer step"])
+class ToFloat32(nn.Module):
+    def forward(self, x):
+        return x.float()
+
+
+@pytest.mark.parametrize("case", ["autocast", "autocast, float32 outputs", "tf32", "bfloat16 weights", "no matmul",
+                                  "no optimizer step"])
 def test_float32_training_stays_silent_where_the_tensor_cores_are_used(a100, matmul_precision, case):
     torch.set_float32_matmul_precision("highest")
     if case == "autocast":
         run = lambda: train_float32(autocast=torch.bfloat16)  # noqa: E731
+    elif case == "autocast, float32 outputs":  # only the autocast state tells: the model returns float32
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1), ToFloat32())
+        run = lambda: train_float32(autocast=torch.bfloat16, model=model)  # noqa: E731
     elif case == "tf32":
         torch.set_float32_matmul_precision("high")
         run = train_float32
@@ -309,6 +318,16 @@ def test_the_same_host_tensors_copied_every_epoch_are_found(free_gib):
     assert "once" in finding["fix"]
 
 
+def test_a_sparse_copy_does_not_switch_the_detector_off(free_gib):
+    """Sparse tensors have no data_ptr: their copies are left out, and the detector keeps working."""
+    def run():
+        torch.eye(3).to_sparse().to("cpu")
+        full_batch_training(epochs=3)
+    assert of_kind(observe(run), "data-copied-every-epoch") == [(line_of("full-batch copy"), 3)]
+    assert not shims.status()["patches"]["detect"]["notes"] or \
+        not any("device-copies" in note for note in shims.status()["patches"]["detect"]["notes"])
+
+
 def sliced_epochs(epochs=3, batch=16):
     torch.manual_seed(0)
     x_all = torch.randn(64, 8)
@@ -472,7 +491,8 @@ def test_optimizers_that_are_not_for_loops_are_silent(monkeypatch, tensors_count
     if case == "default where torch picks foreach":
         monkeypatch.setattr(devices, "default_implementation", torch_picks_foreach)
         make = adam_default
-    elif case == "foreach=True":
+    elif case == "foreach=True":  # silent although fused kernels would exist for the device
+        monkeypatch.setattr(devices, "fused_devices", lambda torch: ["cpu", "cuda"])
         make = lambda params: torch.optim.Adam(params, foreach=True)  # noqa: E731
     else:  # the for-loop is torch's only choice here: nothing better to name
         monkeypatch.setattr(devices, "fused_devices", lambda torch: ["cuda"])

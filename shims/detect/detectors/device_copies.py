@@ -55,6 +55,7 @@ class DeviceCopies(Detector):
         from torch.utils.data import TensorDataset, dataloader
         session = self.session
         self._tensor_dataset = TensorDataset
+        self._tensor, self._strided = session.torch.Tensor, session.torch.strided  # sparse tensors have no data_ptr
         self._sites = {}  # where -> _Site
         self._free = {}  # torch.device -> free bytes (asked once, at the first repeated copy)
         self._loaders = weakref.WeakKeyDictionary()  # host TensorDataset iterated by a DataLoader -> _Loader
@@ -77,8 +78,8 @@ class DeviceCopies(Detector):
             result = original(self, *args, **kwargs)
             seconds = perf_counter() - start
             try:
-                if isinstance(result, type(self)) and tensors.on_accelerator(result) \
-                        and not detector.session.compiling():
+                if isinstance(result, detector._tensor) and self.layout is detector._strided \
+                        and tensors.on_accelerator(result) and not detector.session.compiling():
                     detector.copied(self, result, seconds, sys._getframe(1))
             except Exception as exc:  # noqa: BLE001 - a detector never breaks the user's run
                 detector.session.fail(detector, exc)
