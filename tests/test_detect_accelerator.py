@@ -504,6 +504,67 @@ def test_optimizers_on_the_cpu_are_silent():
     assert observe(train_with, adam_for_loop) == []
 
 
+# ---------------------------------------------------------------- torches without an API these detectors use
+
+
+def test_without_any_grad_scaler_the_detector_is_refused_with_the_reason(monkeypatch):
+    """A torch with neither torch.amp.GradScaler nor a scale() of its own in torch.cuda.amp.GradScaler (none exists,
+    but the refusal must name it rather than report nothing)."""
+    if hasattr(torch, "amp"):
+        monkeypatch.delattr(torch.amp, "GradScaler", raising=False)
+    monkeypatch.setattr(torch.cuda.amp, "GradScaler", type("GradScaler", (), {}))
+    shims.enable(patches="none", mode="detect")
+    shims.disable()
+    target = shims.status()["patches"]["detect"]["targets"]["torch:detectors.grad-scaler"]
+    assert target["status"] == "skipped"
+    assert "has no torch.amp.GradScaler and no torch.cuda.amp.GradScaler" in target["reason"]
+
+
+def test_autocast_queries_of_torch_before_2_4():
+    """torch < 2.4 has no torch.get_autocast_dtype: the per-device queries answer (is_autocast_cpu_enabled and
+    get_autocast_cpu_dtype here, asked through a view of this torch without the newer query)."""
+    if not hasattr(torch, "is_autocast_cpu_enabled"):
+        pytest.skip(f"torch {torch.__version__} has no per-device autocast queries")
+    old_torch = types.SimpleNamespace(__version__="2.3", is_autocast_cpu_enabled=torch.is_autocast_cpu_enabled,
+                                      get_autocast_cpu_dtype=torch.get_autocast_cpu_dtype)
+    with warnings.catch_warnings():  # newer torches deprecate the per-device queries
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert devices.autocast_dtype(old_torch, "cpu") is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert devices.autocast_dtype(old_torch, "cpu") == torch.bfloat16
+            assert devices.autocast_dtype(torch, "cpu") == torch.bfloat16
+    with pytest.raises(LookupError, match="no autocast query for xla"):
+        devices.autocast_dtype(old_torch, "xla")
+
+
+def test_a_device_whose_autocast_state_cannot_be_asked_is_noted_not_guessed(a100, monkeypatch, matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+
+    def cannot_tell(torch, device_type):
+        raise LookupError(f"torch {torch.__version__} has no autocast query for {device_type}")
+    monkeypatch.setattr(devices, "autocast_dtype", cannot_tell)
+    assert observe(train_float32, steps=2) == []
+    notes = shims.status()["patches"]["detect"]["notes"]
+    assert any(note.startswith("float32-training:") and "cannot tell whether autocast is on for cpu" in note
+               for note in notes)
+
+
+def test_optimizers_without_torchs_default_rule_or_step_pre_hooks(monkeypatch, tensors_count_as_on_an_accelerator):  # noqa: F811
+    """Without torch.optim.optimizer._default_to_fused_or_foreach, foreach=None is not judged (noted); without the
+    global step pre-hook, step() is not timed (noted); foreach=False is still found."""
+    from torch.optim import optimizer as optimizer_module
+    monkeypatch.delattr(optimizer_module, "_default_to_fused_or_foreach", raising=False)
+    monkeypatch.delattr(optimizer_module, "register_optimizer_step_pre_hook", raising=False)
+    monkeypatch.setattr(devices, "fused_devices", lambda torch: ["cpu", "cuda"])
+    assert of_kind(observe(train_with, adam_default), "optimizer-for-loop") == []
+    notes = shims.status()["patches"]["detect"]["notes"]
+    assert any("no torch.optim.optimizer._default_to_fused_or_foreach" in note for note in notes)
+    assert any("no register_optimizer_step_pre_hook" in note for note in notes)
+    findings = observe(train_with, adam_for_loop)
+    assert of_kind(findings, "optimizer-for-loop") == [(line_of("for-loop Adam"), 3)]
+    assert "(measured)" not in findings[0]["cost"] and findings[0]["cost"].startswith("estimated")
+
+
 # ---------------------------------------------------------------- the mode itself
 
 

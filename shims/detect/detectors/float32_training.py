@@ -39,6 +39,7 @@ class Float32Training(Detector):
         self._cores = {}  # torch.device -> Cores or None
         self._work = {}  # module id -> frozenset of "matmul" / "conv" it runs
         self._step = {}  # where -> [forward seconds this step, module name, work, Cores, device type]
+        self._unknown = set()  # device types whose autocast state this torch cannot tell (noted at the end)
         self.session.on_forward(self, self.forward_done)
         self.session.on_step(self, self.step_done)
 
@@ -57,7 +58,8 @@ class Float32Training(Detector):
             if devices.autocast_dtype(torch, device.type) in self._low:
                 return
         except LookupError:
-            return  # cannot tell whether autocast is on: say nothing rather than guess
+            self._unknown.add(device.type)  # cannot tell whether autocast is on: noted, never guessed
+            return
         if any(t.dtype in self._low for t in tensors._walk(call.output, torch.Tensor, limit=8, depth=2)):
             return  # the forward enters autocast itself (or casts): its outputs are float16/bfloat16
         work = self._work.get(id(module))
@@ -107,6 +109,11 @@ class Float32Training(Detector):
             found.add(seconds)
             found.info.update(module=module, work=work, cores=cores, device=device_type)
         self._step.clear()
+
+    def finish(self):
+        for device_type in sorted(self._unknown):
+            self.session.record.note(f"float32-training: torch {self.session.torch.__version__} cannot tell whether "
+                                     f"autocast is on for {device_type}: its forwards were not judged")
 
     def describe(self, finding):
         info, session = finding.info, self.session

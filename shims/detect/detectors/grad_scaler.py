@@ -51,6 +51,7 @@ class GradScalerMissing(Detector):
         self._scaled = False  # GradScaler.scale was called in this step
         for cls in scaler_classes(session.torch):
             session.wrap(cls, "scale", self._scale_wrapper)
+        self._unknown = set()  # device types whose autocast state this torch cannot tell (noted at the end)
         self._sharded = False  # FSDP's ShardedGradScaler wrapped (checked when a float16 forward is seen)
         session.wrap(session.torch.autograd, "backward", self._backward_wrapper)
         session.on_forward(self, self.forward_done)
@@ -109,6 +110,7 @@ class GradScalerMissing(Detector):
         try:
             dtype = devices.autocast_dtype(torch, param.device.type)
         except LookupError:
+            self._unknown.add(param.device.type)
             return
         if dtype == torch.float16:
             if not self._sharded:
@@ -117,6 +119,11 @@ class GradScalerMissing(Detector):
 
     def step_done(self, optimizer):
         self._pending, self._scaled = None, False
+
+    def finish(self):
+        for device_type in sorted(self._unknown):
+            self.session.record.note(f"grad-scaler: torch {self.session.torch.__version__} cannot tell whether "
+                                     f"autocast is on for {device_type}: its forwards were not judged")
 
     def describe(self, finding):
         forward, device = finding.info.get("forward"), finding.info.get("device")

@@ -82,9 +82,9 @@ class ForLoopOptimizers(Detector):
     def step_done(self, optimizer):
         if optimizer in self._judged:
             judged = self._judged[optimizer]
-            if judged is not None and judged.started is not None:
+            if judged is not None:
                 found = self.session.finding("optimizer-for-loop", judged.where)
-                found.add(perf_counter() - judged.started)
+                found.add(None if judged.started is None else perf_counter() - judged.started)
                 judged.started = None
             return
         judged = self._judged[optimizer] = self.judge(optimizer)
