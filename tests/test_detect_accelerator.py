@@ -48,8 +48,9 @@ def of_kind(findings, kind):
 
 
 @pytest.fixture
-def a100(monkeypatch, tensors_count_as_on_an_accelerator):  # noqa: F811
+def a100(monkeypatch, request):
     """The CPU plays an A100: tensor cores with bfloat16 and TF32."""
+    request.getfixturevalue("tensors_count_as_on_an_accelerator")
     monkeypatch.setattr(devices, "tensor_cores", lambda torch, device: A100)
 
 
@@ -105,8 +106,8 @@ def test_float32_training_on_tensor_cores_is_found_once_per_step(a100, matmul_pr
     assert "set_float32_matmul_precision(\"high\")" in finding["fix"]
 
 
-def test_float32_training_on_a_float16_only_device_names_the_grad_scaler(monkeypatch, tensors_count_as_on_an_accelerator,  # noqa: F811
-                                                                         matmul_precision):
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_float32_training_on_a_float16_only_device_names_the_grad_scaler(monkeypatch, matmul_precision):
     """Compute capability 7.x has float16 tensor cores and no TF32: setting TF32 does not silence it."""
     monkeypatch.setattr(devices, "tensor_cores", lambda torch, device: V100)
     torch.set_float32_matmul_precision("high")
@@ -161,7 +162,8 @@ def test_float32_training_stays_silent_where_the_tensor_cores_are_used(a100, mat
     assert of_kind(observe(run), "float32-no-autocast") == []
 
 
-def test_float32_training_on_the_cpu_is_silent(tensors_count_as_on_an_accelerator, matmul_precision):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_float32_training_on_the_cpu_is_silent(matmul_precision):
     """The real tensor_cores answers for the CPU (no tensor cores), even when its tensors count as an accelerator's;
     and without the stand-in the CPU is not an accelerator at all."""
     torch.set_float32_matmul_precision("highest")
@@ -225,7 +227,8 @@ def train_float16(steps=3, dtype=torch.float16, scaler=None):
 
 
 @needs_cpu_float16_autocast
-def test_float16_autocast_without_grad_scaler_is_found_at_the_backward(tensors_count_as_on_an_accelerator):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_float16_autocast_without_grad_scaler_is_found_at_the_backward():
     findings = observe(train_float16, steps=3)
     assert of_kind(findings, "float16-no-grad-scaler") == [(line_of("unscaled backward"), 3)]
     finding = [f for f in findings if f["kind"] == "float16-no-grad-scaler"][0]
@@ -238,7 +241,8 @@ def test_float16_autocast_without_grad_scaler_is_found_at_the_backward(tensors_c
 @pytest.mark.skipif(not hasattr(getattr(torch, "amp", None), "GradScaler"),
                     reason=f"torch {torch.__version__} has no torch.amp.GradScaler (its torch.cuda.amp.GradScaler does "
                            "not scale without CUDA)")
-def test_float16_autocast_with_a_grad_scaler_is_silent(tensors_count_as_on_an_accelerator):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_float16_autocast_with_a_grad_scaler_is_silent():
     try:
         scaler = torch.amp.GradScaler("cpu")
         train_float16(steps=1, scaler=torch.amp.GradScaler("cpu"))
@@ -248,7 +252,8 @@ def test_float16_autocast_with_a_grad_scaler_is_silent(tensors_count_as_on_an_ac
 
 
 @needs_cpu_float16_autocast
-def test_float16_autocast_with_a_disabled_grad_scaler_is_found(tensors_count_as_on_an_accelerator):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_float16_autocast_with_a_disabled_grad_scaler_is_found():
     """GradScaler(enabled=False).scale returns the loss unscaled: nothing protects the float16 gradients."""
     with warnings.catch_warnings():  # torch.cuda.amp.GradScaler is deprecated in newer torches
         warnings.simplefilter("ignore")
@@ -271,7 +276,8 @@ def test_every_grad_scaler_class_of_this_torch_is_watched(scaler_class):
     assert scaler_class.scale is original
 
 
-def test_bfloat16_autocast_without_grad_scaler_is_silent(tensors_count_as_on_an_accelerator):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_bfloat16_autocast_without_grad_scaler_is_silent():
     assert of_kind(observe(train_float16, steps=3, dtype=torch.bfloat16), "float16-no-grad-scaler") == []
 
 
@@ -286,8 +292,9 @@ GIB = 1024 ** 3
 
 
 @pytest.fixture
-def free_gib(monkeypatch, tensors_count_as_on_an_accelerator):  # noqa: F811
+def free_gib(monkeypatch, request):
     """The CPU plays a device with 1 GiB free."""
+    request.getfixturevalue("tensors_count_as_on_an_accelerator")
     monkeypatch.setattr(devices, "free_memory", lambda torch, device: GIB)
 
 
@@ -419,7 +426,8 @@ def test_copies_of_new_data_are_silent(free_gib, case):
     assert of_kind(observe(run), "data-copied-every-epoch") == []
 
 
-def test_data_that_would_not_fit_is_silent(monkeypatch, tensors_count_as_on_an_accelerator):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_data_that_would_not_fit_is_silent(monkeypatch):
     monkeypatch.setattr(devices, "free_memory", lambda torch, device: 4096)  # 2.2 KiB is over half of it
     assert of_kind(observe(full_batch_training, epochs=3), "data-copied-every-epoch") == []
 
@@ -456,8 +464,8 @@ def adam_default(params):
 
 @pytest.mark.parametrize("make, marker, name", [(adam_for_loop, "for-loop Adam", "Adam"),
                                                 (sgd_for_loop, "for-loop SGD", "SGD")])
-def test_an_optimizer_with_foreach_false_is_found_where_it_is_built(tensors_count_as_on_an_accelerator,  # noqa: F811
-                                                                    make, marker, name):
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_an_optimizer_with_foreach_false_is_found_where_it_is_built(make, marker, name):
     findings = observe(train_with, make, steps=3)
     assert of_kind(findings, "optimizer-for-loop") == [(line_of(marker), 3)]
     finding = findings[0]
@@ -469,8 +477,8 @@ def test_an_optimizer_with_foreach_false_is_found_where_it_is_built(tensors_coun
     assert "fused=True" in finding["fix"] or "foreach=True" in finding["fix"]
 
 
-def test_a_default_optimizer_is_found_where_torch_picks_the_for_loop_and_fused_exists(
-        monkeypatch, tensors_count_as_on_an_accelerator):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_a_default_optimizer_is_found_where_torch_picks_the_for_loop_and_fused_exists(monkeypatch):
     """torch's own rule, asked for real: for CPU parameters it picks the for-loop; fused kernels are said to exist
     for the device the CPU plays."""
     monkeypatch.setattr(devices, "fused_devices", lambda torch: ["cpu", "cuda"])
@@ -487,7 +495,8 @@ def torch_picks_foreach(torch, params, differentiable):
 
 
 @pytest.mark.parametrize("case", ["default where torch picks foreach", "foreach=True", "default, no fused kernels"])
-def test_optimizers_that_are_not_for_loops_are_silent(monkeypatch, tensors_count_as_on_an_accelerator, case):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_optimizers_that_are_not_for_loops_are_silent(monkeypatch, case):
     if case == "default where torch picks foreach":
         monkeypatch.setattr(devices, "default_implementation", torch_picks_foreach)
         make = adam_default
@@ -549,7 +558,8 @@ def test_a_device_whose_autocast_state_cannot_be_asked_is_noted_not_guessed(a100
                for note in notes)
 
 
-def test_optimizers_without_torchs_default_rule_or_step_pre_hooks(monkeypatch, tensors_count_as_on_an_accelerator):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_optimizers_without_torchs_default_rule_or_step_pre_hooks(monkeypatch):
     """Without torch.optim.optimizer._default_to_fused_or_foreach, foreach=None is not judged (noted); without the
     global step pre-hook, step() is not timed (noted); foreach=False is still found."""
     from torch.optim import optimizer as optimizer_module
@@ -595,7 +605,8 @@ def test_detect_mode_changes_nothing_in_these_loops(a100, free_gib, matmul_preci
     assert {"float32-no-autocast", "data-copied-every-epoch", "optimizer-for-loop"} <= kinds
 
 
-def test_the_detectors_are_reverted_completely(tensors_count_as_on_an_accelerator):  # noqa: F811
+@pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
+def test_the_detectors_are_reverted_completely():
     from torch.utils.data import dataloader
     watched = [(torch.Tensor, "to"), (torch.Tensor, "cuda"), (torch.autograd, "backward"),
                (torch.optim.Optimizer, "__init__"), (dataloader.DataLoader, "__iter__")]
@@ -618,9 +629,9 @@ def cuda_training(autocast=None, scaler=None, optimizer="sgd", epochs=3):
     torch.manual_seed(0)
     x_host, y_host = torch.randn(256, 64), torch.randn(256, 1)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 1)).cuda()
-    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.01), "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
-            "adam-for-loop": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=False)}[optimizer]
-    opt = make(model.parameters())  # cuda optimizer
+    cls, options = {"sgd": (torch.optim.SGD, {"lr": 0.01}), "adam": (torch.optim.Adam, {"lr": 1e-3}),
+                    "adam-for-loop": (torch.optim.Adam, {"lr": 1e-3, "foreach": False})}[optimizer]
+    opt = cls(model.parameters(), **options)  # cuda optimizer
     for _ in range(epochs):
         x, y = x_host.cuda(), y_host.cuda()  # cuda full-batch copy
         opt.zero_grad()
