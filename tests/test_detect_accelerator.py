@@ -196,6 +196,33 @@ def test_tensor_cores_by_compute_capability(capability, low, tf32, ratio):
     assert devices.tensor_cores(torch, torch.device("cpu")) is None
 
 
+def fake_backends(matmul=None, generic=None, legacy="highest", allow_tf32=False):
+    """A torch whose TF32 settings are given: torch 2.9+'s fp32_precision (matmul, generic), the legacy precision
+    (raising, as torch 2.9+ does once the two kinds of settings were mixed)."""
+    def precision():
+        if legacy == "mixed":
+            raise RuntimeError("you have used mix of the legacy and new APIs to set the matmul precision")
+        return legacy
+    matmul_backend = types.SimpleNamespace(allow_tf32=allow_tf32)
+    if matmul is not None:
+        matmul_backend.fp32_precision = matmul
+    backends = types.SimpleNamespace(cuda=types.SimpleNamespace(matmul=matmul_backend))
+    if generic is not None:
+        backends.fp32_precision = generic
+    return types.SimpleNamespace(backends=backends, get_float32_matmul_precision=precision)
+
+
+@pytest.mark.parametrize("settings, tf32", [({}, False), ({"legacy": "high"}, True), ({"legacy": "medium"}, True),
+                                            ({"allow_tf32": True}, True), ({"matmul": "tf32"}, True),
+                                            ({"matmul": "ieee", "legacy": "high"}, False),
+                                            ({"matmul": "none", "generic": "tf32"}, True),
+                                            ({"matmul": "none", "generic": "none", "legacy": "mixed"}, True)])
+def test_tf32_is_read_from_the_legacy_and_the_new_settings(settings, tf32):
+    """Both the settings of torch 2.0-2.8 and torch 2.9+'s fp32_precision; where torch cannot tell (mixed settings
+    raise), TF32 counts as on: no finding rather than a wrong one."""
+    assert devices.matmul_tf32(fake_backends(**settings)) is tf32
+
+
 # ---------------------------------------------------------------- float16-no-grad-scaler
 
 needs_cpu_float16_autocast = pytest.mark.skipif(

@@ -51,16 +51,47 @@ def tensor_cores(torch, device):
 
 
 def matmul_tf32(torch):
-    """Whether float32 matmuls may use TF32 (set_float32_matmul_precision("high"/"medium") or allow_tf32)."""
-    precision = getattr(torch, "get_float32_matmul_precision", None)
-    if precision is not None and precision() != "highest":
-        return True
-    return bool(getattr(getattr(getattr(torch.backends, "cuda", None), "matmul", None), "allow_tf32", False))
+    """Whether float32 matmuls may use TF32: torch.backends.cuda.matmul.fp32_precision (torch 2.9+, "none" inherits
+    torch.backends.fp32_precision), else set_float32_matmul_precision("high"/"medium") or allow_tf32."""
+    matmul = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
+    decided = _fp32_precision(matmul, torch.backends)
+    if decided is not None:
+        return decided
+    try:
+        precision = getattr(torch, "get_float32_matmul_precision", None)
+        if precision is not None and precision() != "highest":
+            return True
+        return bool(getattr(matmul, "allow_tf32", False))
+    except RuntimeError:  # torch 2.9+ raises when the legacy and the new settings were mixed: cannot tell
+        return True  # assume TF32 on: no finding rather than a wrong one
 
 
 def conv_tf32(torch):
-    """Whether float32 convolutions may use TF32 (torch.backends.cudnn.allow_tf32, on by default)."""
-    return bool(getattr(getattr(torch.backends, "cudnn", None), "allow_tf32", False))
+    """Whether float32 convolutions may use TF32: torch.backends.cudnn.conv.fp32_precision (torch 2.9+), else
+    torch.backends.cudnn.allow_tf32 (on by default)."""
+    cudnn = getattr(torch.backends, "cudnn", None)
+    decided = _fp32_precision(getattr(cudnn, "conv", None), cudnn)
+    if decided is not None:
+        return decided
+    try:
+        return bool(getattr(cudnn, "allow_tf32", False))
+    except RuntimeError:  # mixed legacy and new settings (torch 2.9+): cannot tell
+        return True
+
+
+def _fp32_precision(backend, parent):
+    """True/False from the fp32_precision setting of torch 2.9+ ("tf32" / "ieee"; "none" defers to the parent's),
+    None where it is absent or leaves the choice to the legacy flags."""
+    for holder in (backend, parent):
+        try:
+            value = getattr(holder, "fp32_precision", None)
+        except (AssertionError, RuntimeError):  # torch 2.0's backends.cuda.matmul asserts on unknown attributes
+            value = None
+        if value == "tf32":
+            return True
+        if value == "ieee":
+            return False
+    return None
 
 
 def autocast_dtype(torch, device_type):
