@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
 import sys
 
 import pytest
@@ -44,18 +45,26 @@ def cpu_float16_missing():
     return None
 
 
+def no_half_kernel(exc):
+    """Whether `exc` says a float16 kernel is missing on this CPU build (the wording varies by kernel)."""
+    return re.search(r"not implemented for '?Half'?", str(exc)) is not None
+
+
 def cpu_autocast_float16_missing():
-    """Why CPU autocast cannot run float16 on this torch, or None (CPU autocast was bfloat16-only before ~2.3)."""
+    """Why CPU autocast cannot run these models in float16 on this torch, or None (bfloat16-only before ~2.2; then
+    without float16 LayerNorm before ~2.3)."""
     import warnings
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # torch 2.0 warns "Disabling autocast" before it raises
             with torch.autocast("cpu", dtype=torch.float16):
-                out = torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2))
-        if out.dtype != torch.float16:
-            return f"torch {torch.__version__}: CPU autocast ran {out.dtype}, not float16"
+                x = torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3), torch.ones(2, 1, 1, 1)).flatten(1)
+                x = torch.nn.functional.linear(x, torch.ones(4, 18))
+                torch.nn.functional.layer_norm(x, (4,))
+        if x.dtype != torch.float16:
+            return f"torch {torch.__version__}: CPU autocast does not compute in float16"
     except (RuntimeError, UserWarning) as exc:
-        return f"torch {torch.__version__} has no float16 CPU autocast: {exc}"
+        return f"torch {torch.__version__} cannot run these models under float16 CPU autocast: {exc}"
     return None
 
 
@@ -214,7 +223,7 @@ def reference_unpatched(reference_setup):
         ref.evaluate(model, ref.FirstQueryCriterion(), {"bbox": ref.BoxPostProcess()}, reference_setup["batches"],
                      reference_setup["coco"], "cpu", Args(fp16_eval=True))
     except RuntimeError as exc:
-        if "not implemented for 'Half'" not in str(exc):
+        if not no_half_kernel(exc):
             raise
         failed = f"the unpatched .half() evaluation cannot run here: torch {torch.__version__} on the CPU: {exc}"
     finally:
@@ -326,7 +335,7 @@ def test_reference_detect_mode_reports_call_site_and_changes_nothing(reference_s
         module.evaluate(model, ref.FirstQueryCriterion(), {"bbox": ref.BoxPostProcess()}, reference_setup["batches"],
                         reference_setup["coco"], "cpu", Args(fp16_eval=True))
     except RuntimeError as exc:  # observe-only: without CPU float16 kernels it fails exactly as unpatched does
-        assert "not implemented for 'Half'" in str(exc) and cpu_float16_missing(), exc
+        assert no_half_kernel(exc) and cpu_float16_missing(), exc
     assert {p.dtype for p in model.parameters()} == {torch.float16}  # observe-only: the bug still happens
     (finding,) = detr_record()["findings"]
     assert finding["kind"] == "fp16-eval-half"
@@ -346,7 +355,7 @@ def test_unconvertible_args_run_unpatched_or_raise_in_strict(reference_setup):
                                    reference_setup["batches"], reference_setup["coco"], "cpu", FrozenArgs())
         assert len(stats["coco_eval_bbox"]) == 12  # the user's evaluation still ran
     except RuntimeError as exc:  # it ran unpatched: in float16, which this CPU build cannot compute
-        assert "not implemented for 'Half'" in str(exc) and cpu_float16_missing(), exc
+        assert no_half_kernel(exc) and cpu_float16_missing(), exc
         assert {p.dtype for p in model.parameters()} == {torch.float16}
     record = detr_record()
     assert record["counters"]["evaluations_unconverted"] == 1
@@ -584,17 +593,36 @@ def run_rfdetr(setup, model, evaluate=None, fp16_eval=True):
 
 @pytest.fixture(scope="module")
 def rfdetr_unpatched(rfdetr_setup):
-    """The unpatched fp16_eval evaluation: (model, optimizer, output recorder) afterwards."""
+    """The unpatched fp16_eval evaluation: (model, optimizer, output recorder, why its forward failed or None)."""
+    import rfdetr.engine
     model, optimizer = fresh_rfdetr(rfdetr_setup)
-    _, recorder, _ = run_rfdetr(rfdetr_setup, model)
-    return model, optimizer, recorder
+    args = copy.copy(rfdetr_setup["args"])
+    args.fp16_eval = True
+    recorder, failed = OutputRecorder(model), None
+    try:
+        rfdetr.engine.evaluate(model, rfdetr_setup["criterion"], rfdetr_setup["post"], rfdetr_setup["loader"],
+                               rfdetr_setup["base_ds"], torch.device("cpu"), args=args, header="Test")
+    except RuntimeError as exc:  # after model.half(): a float16 kernel this CPU build lacks (grid_sampler before 2.6?)
+        if not no_half_kernel(exc):
+            raise
+        failed = f"the unpatched .half() evaluation cannot run here: torch {torch.__version__} on the CPU: {exc}"
+    finally:
+        recorder.remove()
+    return model, optimizer, recorder, failed
 
 
 @pytest.mark.slow
-def test_rfdetr_unpatched_fp16_eval_leaves_model_half_with_graph(rfdetr_setup, rfdetr_unpatched):
-    model, optimizer, recorder = rfdetr_unpatched
+def test_rfdetr_unpatched_fp16_eval_leaves_model_half(rfdetr_unpatched):
+    model, optimizer, _, _ = rfdetr_unpatched
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     assert optimizer.param_groups[0]["params"][0].dtype == torch.float16
+
+
+@pytest.mark.slow
+def test_rfdetr_unpatched_fp16_eval_builds_a_graph_and_deviates(rfdetr_setup, rfdetr_unpatched):
+    _, _, recorder, failed = rfdetr_unpatched
+    if failed:
+        pytest.skip(failed)  # test_rfdetr_patched_keeps_model_and_matches_float32 shows the patched path needs none
     assert recorder.graph_built  # rfdetr's evaluate has no no_grad
     assert max_deviation(recorder.batches, rfdetr_setup["float32_outputs"]) > 0
 
@@ -650,7 +678,10 @@ def test_rfdetr_training_continues_as_if_never_evaluated(rfdetr_setup, rfdetr_ne
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(CPU_AUTOCAST_FLOAT16_MISSING is not None, reason=str(CPU_AUTOCAST_FLOAT16_MISSING))
 def test_rfdetr_float16_autocast_within_tolerance(rfdetr_setup, rfdetr_unpatched):
+    if rfdetr_unpatched[3]:
+        pytest.skip(rfdetr_unpatched[3])  # the 1.25x bound needs the unpatched float16 outputs
     half_deviation = max_deviation(rfdetr_unpatched[2].batches, rfdetr_setup["float32_outputs"])
     model, _ = fresh_rfdetr(rfdetr_setup)
     before = state_copy(model)
