@@ -133,7 +133,7 @@ class GradScalerMissing(Detector):
         cost = ("estimated: a correctness cost, not a time cost: float16 gradients below 6e-8 become 0 and below "
                 "6.1e-5 lose precision, so small gradients vanish (layers stop learning) or training diverges")
         torch = self.session.torch
-        scaler = ("torch.amp.GradScaler(\"cuda\")" if hasattr(getattr(torch, "amp", None), "GradScaler")
+        scaler = (f"torch.amp.GradScaler(\"{device or 'cuda'}\")" if hasattr(getattr(torch, "amp", None), "GradScaler")
                   else "torch.cuda.amp.GradScaler()")
         fix = (f"scaler = {scaler}; scaler.scale(loss).backward(); scaler.step(optimizer); scaler.update(); "
                "or autocast with dtype=torch.bfloat16 where the device supports it (no scaler needed)")
