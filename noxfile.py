@@ -11,14 +11,19 @@ writes .nox/results/<combination>.xml (junit) and <combination>.json (the versio
     nox -t matrix -- -k doctr               # arguments after -- go to pytest
 
 The uv cache (UV_CACHE_DIR) is shared by all sessions, so a repeated run only links the wheels again.
+MATRIX_TREE=head tests the last commit (a snapshot by `git archive`) instead of the working tree, leaving out
+unfinished edits in a shared working tree; the commit and whether the tree differed are recorded with the results.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import shutil
+import subprocess
+import tarfile
 
 import nox
 
@@ -53,31 +58,67 @@ COMBINATIONS = {
 REPORTED = ("torch", "torchvision", "numpy", "python-doctr", "rfdetr", "ultralytics", "colossalai", "timm", "wrapt",
             "packaging")
 
-_wheel = None
+_wheel = _tree = _provenance = None
+
+
+def git(*args):
+    proc = subprocess.run(["git", "-C", REPO, *args], capture_output=True)
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def tree():
+    """The sources under test: this working tree, or with MATRIX_TREE=head a snapshot of the last commit."""
+    global _tree
+    if _tree is None:
+        _tree = REPO
+        if os.environ.get("MATRIX_TREE", "worktree") == "head":
+            _tree = os.path.join(REPO, ".nox", "_head")
+            shutil.rmtree(_tree, ignore_errors=True)
+            os.makedirs(_tree)
+            with tarfile.open(fileobj=io.BytesIO(git("archive", "HEAD")), mode="r:") as archive:
+                archive.extractall(_tree)
+    return _tree
+
+
+def provenance():
+    """What was tested: the commit, and whether the working tree (when that was tested) differed from it."""
+    global _provenance
+    if _provenance is None:
+        commit = (git("rev-parse", "--short", "HEAD") or b"?").decode().strip()
+        dirty = tree() == REPO and git("status", "--porcelain", "--untracked-files=no")
+        _provenance = {"commit": commit, "tree": "HEAD" if tree() != REPO else
+                       "working tree" + (" with uncommitted changes" if dirty else "")}
+    return _provenance
 
 
 def built_wheel(session):
-    """The shims wheel of this checkout, built once per nox run (uv build, isolated; setuptools from the cache)."""
+    """The shims wheel of the tree under test, built once per nox run (uv build, isolated; setuptools cached), and
+    at the same moment a copy of what the tests read, without shims/ and patches/: every session then tests the
+    same sources, even when the working tree changes while the matrix runs."""
     global _wheel
     if _wheel is None:
         out = os.path.join(REPO, ".nox", "_dist")
         shutil.rmtree(out, ignore_errors=True)  # never a wheel of an older checkout
-        session.run("uv", "build", "--wheel", "--out-dir", out, REPO, external=True, silent=True)
+        suite = os.path.join(out, "suite")
+        skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+        for name in STAGED:
+            source = os.path.join(tree(), name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(suite, name), ignore=skip)
+            elif os.path.isfile(source):
+                os.makedirs(suite, exist_ok=True)
+                shutil.copy2(source, suite)
+        provenance()
+        session.run("uv", "build", "--wheel", "--out-dir", out, tree(), external=True, silent=True)
         (_wheel,) = glob.glob(os.path.join(out, "shims-*.whl"))
     return _wheel
 
 
 def stage_suite(session):
-    """A copy of what the tests read, without shims/ and patches/: the wheel is the only shims they can import."""
+    """This session's copy of the suite taken with the wheel: the wheel is the only shims it can import."""
     suite = os.path.join(session.create_tmp(), "suite")
     shutil.rmtree(suite, ignore_errors=True)
-    os.makedirs(suite)
-    for name in STAGED:
-        source = os.path.join(REPO, name)
-        if os.path.isdir(source):
-            shutil.copytree(source, os.path.join(suite, name), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        elif os.path.isfile(source):
-            shutil.copy2(source, suite)
+    shutil.copytree(os.path.join(os.path.dirname(built_wheel(session)), "suite"), suite)
     return suite
 
 
@@ -86,15 +127,16 @@ def run_combination(session, name, pins, frameworks):
     session.install(built_wheel(session), *pins, *frameworks, *TEST_EXTRAS)
     os.makedirs(RESULTS, exist_ok=True)
     versions = os.path.join(RESULTS, f"{name}.json")
-    session.run("python", "-c", "import importlib.metadata as m, json, platform, sys; v = {}\n"
-                "for d in sys.argv[2:]:\n"
+    session.run("python", "-c", "import importlib.metadata as m, json, platform, sys; v = json.loads(sys.argv[2])\n"
+                "for d in sys.argv[3:]:\n"
                 "    try: v[d] = m.version(d)\n"
                 "    except m.PackageNotFoundError: pass\n"
                 "v['python'] = platform.python_version()\n"
-                "json.dump(v, open(sys.argv[1], 'w'), indent=1)", versions, "shims", *REPORTED, silent=True)
+                "json.dump(v, open(sys.argv[1], 'w'), indent=1)", versions, json.dumps(provenance()), "shims",
+                *REPORTED, silent=True)
     suite = stage_suite(session)
     session.chdir(suite)
-    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "TEST_SHIMS_INSTALLED": "1", "TEST_SHIMS_SOURCE": REPO,
+    env = {"NO_ALBUMENTATIONS_UPDATE": "1", "TEST_SHIMS_INSTALLED": "1", "TEST_SHIMS_SOURCE": tree(),
            "TEST_SHIMS_WHEEL": built_wheel(session), "PYTHONDONTWRITEBYTECODE": "1"}
     session.run("python", "-m", "pytest", "-q", "-rfEs", "--timeout", "300", f"--junitxml={RESULTS}/{name}.xml",
                 "-o", f"junit_suite_name={name}", *session.posargs, env=env)

@@ -76,7 +76,10 @@ def render(rows):
                      f"{c['passed']} | {c['failed']} | {c['errors']} | {c['skipped']} | {row['seconds']:.0f} s |")
     finished = [row["finished"] for row in rows if row["ran"]]
     if finished:
-        lines += ["", f"Runs finished {min(finished)} to {max(finished)}; shims installed from its wheel in each."]
+        tested = sorted({f"{r['versions']['commit']} ({r['versions'].get('tree', '?')})" for r in rows
+                         if "commit" in r["versions"]})
+        lines += ["", f"Runs finished {min(finished)} to {max(finished)}; shims installed from its wheel in each"
+                  + (f"; commit {', '.join(tested)}." if tested else ".")]
     for row in rows:
         if row["ran"] and row["failures"]:
             lines += ["", f"Failed in {row['name']}:"] + [f"- `{test_id}`" for test_id in row["failures"]]

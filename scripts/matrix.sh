@@ -3,6 +3,7 @@
 #   bash scripts/matrix.sh                 every combination, then the table in docs/compatibility.md
 #   bash scripts/matrix.sh oldest          Python 3.9 + torch 2.0.1 only (CI); also: main, newest, or a session name
 #   bash scripts/matrix.sh all -k doctr    arguments after the first go to pytest
+#   MATRIX_TREE=head bash scripts/matrix.sh    the last commit instead of the working tree (noxfile.py)
 # nox and uv live in a tool venv (.nox/_tools); the uv cache (UV_CACHE_DIR, default ~/.cache/uv) keeps reruns cheap.
 set -euo pipefail
 cd "$(dirname "$0")/.."
