@@ -82,3 +82,27 @@ def write(path, text):
     with open(path, "w") as f:
         f.write(textwrap.dedent(text).lstrip("\n"))
     return str(path)
+
+
+@pytest.fixture
+def optimizer_classes_restored():
+    """torch 2.0-2.2: the first torch.compile in a process rewrites every torch.optim class's step and zero_grad
+    (TorchPatcher). Put them back after the test, so later tests see torch as a fresh process has it (detect mode's
+    step clock after a compile is tested in a fresh process: tests/test_detect_steps_after_compile.py)."""
+    import torch
+    classes = [c for c in vars(torch.optim).values() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
+    names = ("step", "zero_grad")
+    saved = {(c, n): c.__dict__[n] for c in classes for n in names if n in c.__dict__}
+    marks = {key: fn.__dict__.get("hooked") for key, fn in saved.items() if hasattr(fn, "__dict__")}
+    yield
+    for c in classes:
+        for n in names:
+            if (c, n) in saved:
+                setattr(c, n, saved[(c, n)])
+            elif n in c.__dict__:
+                delattr(c, n)
+    for key, mark in marks.items():  # TorchPatcher also marks the bare functions `hooked`: never wrapped again
+        if mark is None:
+            saved[key].__dict__.pop("hooked", None)
+        else:
+            saved[key].hooked = mark

@@ -649,6 +649,7 @@ def test_detectors_are_installed_and_reverted_completely():
     assert shims.status()["patches"]["detect"]["status"] == "reverted"
 
 
+@pytest.mark.usefixtures("optimizer_classes_restored")
 def test_compiled_training_is_unchanged_and_quiet_in_detect_mode(recwarn):
     """torch.compile traces through modules with global hooks (ours skip themselves while compiling); torch's
     warning about global hooks concerns ours and is not shown; losses and weights are bitwise those of a plain run."""

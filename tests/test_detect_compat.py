@@ -64,6 +64,7 @@ def test_old_forward_hooks_see_the_evaluation_with_grad(torch_2_0_forward_hooks)
     assert [(f["kind"], f["count"]) for f in findings] == [("eval-with-grad", 3)]
 
 
+@pytest.mark.usefixtures("optimizer_classes_restored")
 def test_compiled_training_without_torch_compiler_is_compiling_is_unchanged_and_quiet(torch_2_0_forward_hooks,
                                                                                       recwarn):
     def train(detect):

@@ -238,6 +238,8 @@ class Session:
         if self.api.step_hooks is not None:
             self._handles.append(self.api.step_hooks(self._after_step))
             watching.insert(min(1, len(watching)), "optimizer steps")
+            from shims.detect import steps_after_compile  # torch 2.0-2.2: compile unhooks optimizer steps
+            steps_after_compile.install(self)
         if self._module_calls or self._module_outputs or self._forwards:
             self._install_forward_hooks()
         import atexit
