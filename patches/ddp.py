@@ -379,19 +379,20 @@ def _median(values):
     return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
-def _watched_pre_forward(self, *inputs, **kwargs):
-    """DDP._pre_forward for a watched object: the no_sync guard, error explanation, observation."""
-    pre_forward = type(self)._pre_forward
+def _guarded(self, step, inputs, kwargs):
+    """DDP's forward step (`_pre_forward`, or the whole `forward` on torch 2.0) for a watched object: the no_sync
+    guard before it, the explanation of DDP's reduction error, and the observation after it (DDP's logging data was
+    updated as it began)."""
     watch = _WATCHES.get(self) if _WATCHES is not None else None
     if watch is None:
-        return pre_forward(self, *inputs, **kwargs)
+        return step(self, *inputs, **kwargs)
     grad = watch.torch.is_grad_enabled()
     if watch.guard_first_sync and grad:
         if not self.require_backward_grad_sync:
             raise watch.refuse_no_sync_first()
         watch.guard_first_sync = False
     try:
-        result = pre_forward(self, *inputs, **kwargs)
+        result = step(self, *inputs, **kwargs)
     except RuntimeError as exc:
         if watch.decision.changed and _REDUCTION_ERROR in str(exc):
             raise watch.explain(self, exc) from None
@@ -399,6 +400,11 @@ def _watched_pre_forward(self, *inputs, **kwargs):
     if watch.observing and grad and self.require_backward_grad_sync and not watch.compiling():
         watch.after_pre_forward(self)
     return result
+
+
+def _watched_pre_forward(self, *inputs, **kwargs):
+    """DDP._pre_forward for a watched object (torch 2.1+)."""
+    return _guarded(self, type(self)._pre_forward, inputs, kwargs)
 
 
 def _watched_post_forward(self, output):
@@ -415,26 +421,9 @@ def _watched_post_forward(self, output):
 
 
 def _watched_forward(self, *inputs, **kwargs):
-    """torch 2.0: DDP.forward has no _pre_forward/_post_forward (2.1+); the same guard, error explanation and
-    observation around the whole forward (the unused-parameter search then cannot be timed on its own)."""
-    forward = type(self).forward
-    watch = _WATCHES.get(self) if _WATCHES is not None else None
-    if watch is None:
-        return forward(self, *inputs, **kwargs)
-    grad = watch.torch.is_grad_enabled()
-    if watch.guard_first_sync and grad:
-        if not self.require_backward_grad_sync:
-            raise watch.refuse_no_sync_first()
-        watch.guard_first_sync = False
-    try:
-        result = forward(self, *inputs, **kwargs)
-    except RuntimeError as exc:
-        if watch.decision.changed and _REDUCTION_ERROR in str(exc):
-            raise watch.explain(self, exc) from None
-        raise
-    if watch.observing and grad and self.require_backward_grad_sync and not watch.compiling():
-        watch.after_pre_forward(self)  # DDP's logging data was updated as this forward began
-    return result
+    """torch 2.0: DDP.forward has no _pre_forward/_post_forward (2.1+): the same around the whole forward (the
+    unused-parameter search then cannot be timed on its own)."""
+    return _guarded(self, type(self).forward, inputs, kwargs)
 
 
 def _split_forward(ddp):

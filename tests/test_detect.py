@@ -649,35 +649,41 @@ def test_detectors_are_installed_and_reverted_completely():
     assert shims.status()["patches"]["detect"]["status"] == "reverted"
 
 
-@pytest.mark.usefixtures("optimizer_classes_restored")
-def test_compiled_training_is_unchanged_and_quiet_in_detect_mode(recwarn):
-    """torch.compile traces through modules with global hooks (ours skip themselves while compiling); torch's
-    warning about global hooks concerns ours and is not shown; losses and weights are bitwise those of a plain run."""
-    def train(detect):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-        compiled = torch.compile(model, backend="aot_eager")
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        generator = torch.Generator().manual_seed(1)
-        if detect:
-            shims.enable(patches="none", mode="detect")
-        losses = []
-        for _ in range(3):
-            optimizer.zero_grad()
-            loss = compiled(torch.randn(6, 4, generator=generator)).pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        if detect:
-            shims.disable()
-        return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
+def train_compiled(detect):
+    """Three steps of a small model under torch.compile, detect mode on or off: (losses, final weights)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(1)
+    if detect:
+        shims.enable(patches="none", mode="detect")
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = compiled(torch.randn(6, 4, generator=generator)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    if detect:
+        shims.disable()
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
 
-    plain_losses, plain_weights = train(detect=False)
-    detect_losses, detect_weights = train(detect=True)
+
+def assert_compiled_training_unchanged_and_quiet(recwarn):
+    plain_losses, plain_weights = train_compiled(detect=False)
+    detect_losses, detect_weights = train_compiled(detect=True)
     assert torch.equal(plain_losses, detect_losses)
     assert all(torch.equal(a, b) for a, b in zip(plain_weights, detect_weights))
     assert not [w for w in recwarn if "global hooks" in str(w.message)]
     assert shims.status()["patches"]["detect"]["findings"] == []
+
+
+@pytest.mark.usefixtures("optimizer_classes_restored")
+def test_compiled_training_is_unchanged_and_quiet_in_detect_mode(recwarn):
+    """torch.compile traces through modules with global hooks (ours skip themselves while compiling); torch's
+    warning about global hooks concerns ours and is not shown; losses and weights are bitwise those of a plain run."""
+    assert_compiled_training_unchanged_and_quiet(recwarn)
 
 
 def test_fix_mode_installs_no_detectors():

@@ -18,7 +18,8 @@ from torch import nn
 import shims
 from shims.detect import compat, report
 from tests.conftest import clean_env, run_python, write
-from tests.test_detect import batch_transforms, fit_one_epoch_buggy, line_of, make_bn_mlp, make_training, observe
+from tests.test_detect import (assert_compiled_training_unchanged_and_quiet, batch_transforms, fit_one_epoch_buggy,
+                               line_of, make_bn_mlp, make_training, observe)
 
 
 @pytest.fixture
@@ -67,31 +68,7 @@ def test_old_forward_hooks_see_the_evaluation_with_grad(torch_2_0_forward_hooks)
 @pytest.mark.usefixtures("optimizer_classes_restored")
 def test_compiled_training_without_torch_compiler_is_compiling_is_unchanged_and_quiet(torch_2_0_forward_hooks,
                                                                                       recwarn):
-    def train(detect):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-        compiled = torch.compile(model, backend="aot_eager")
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        generator = torch.Generator().manual_seed(1)
-        if detect:
-            shims.enable(patches="none", mode="detect")
-        losses = []
-        for _ in range(3):
-            optimizer.zero_grad()
-            loss = compiled(torch.randn(6, 4, generator=generator)).pow(2).mean()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        if detect:
-            shims.disable()
-        return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
-
-    plain_losses, plain_weights = train(detect=False)
-    detect_losses, detect_weights = train(detect=True)
-    assert torch.equal(plain_losses, detect_losses)
-    assert all(torch.equal(a, b) for a, b in zip(plain_weights, detect_weights))
-    assert not [w for w in recwarn if "global hooks" in str(w.message)]
-    assert shims.status()["patches"]["detect"]["findings"] == []
+    assert_compiled_training_unchanged_and_quiet(recwarn)
 
 
 def test_is_compiling_is_bound_when_torch_dynamo_is_imported_after_detect_mode_started(tmp_path):

@@ -89,3 +89,19 @@ def _modules_patches_observe(engine):
             if target.module not in (MAIN, "torch") and not target.module.startswith("torch."):
                 modules.setdefault(target.module, set()).add(patch.name)
     return modules
+
+
+def after_construction(detector, remember):
+    """`make` for session.wrap(cls, "__init__", make): after the original __init__, `remember(obj, where)` with the
+    user's line that built `obj` (None when torch or shims built it). A failure switches the detector off, never
+    the user's run."""
+    def make(original):
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if detector.on:
+                try:
+                    remember(self, detector.session.where(sys._getframe(1)))
+                except Exception as exc:  # noqa: BLE001 - a detector never breaks the user's run
+                    detector.session.fail(detector, exc)
+        return __init__
+    return make

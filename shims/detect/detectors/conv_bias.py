@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import weakref
 
-from shims.detect import report
+from shims.detect import report, sites
 from shims.detect.detector import Detector
 
 RECENT_OUTPUTS = 64  # conv outputs remembered until a BatchNorm takes them (a forward rarely has more in flight)
@@ -42,22 +42,12 @@ class ConvBias(Detector):
         self._outputs = {}  # id(conv output) -> (weak reference to it, its version, weak reference to the conv)
         self._found = weakref.WeakSet()  # convolutions already reported
         self._defined = weakref.WeakKeyDictionary()  # convolution -> where it was constructed
-        session.wrap(self._conv_type, "__init__", self._init_wrapper)
+        session.wrap(self._conv_type, "__init__", sites.after_construction(self, self._remember_definition))
         session.on_module_output(self, self.module_ran)
 
-    def _init_wrapper(self, original):
-        detector = self
-
-        def __init__(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            if detector.on:
-                try:
-                    where = detector.session.where(sys._getframe(1))
-                    if where is not None:
-                        detector._defined[self] = where
-                except Exception as exc:  # noqa: BLE001 - a detector never breaks the user's run
-                    detector.session.fail(detector, exc)
-        return __init__
+    def _remember_definition(self, conv, where):
+        if where is not None:
+            self._defined[conv] = where
 
     def _role(self, module_type):
         role = self._roles.get(module_type)

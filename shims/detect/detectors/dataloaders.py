@@ -11,11 +11,10 @@ Cost: measured wait per batch and its share of the step; for pinning, an estimat
 
 from __future__ import annotations
 
-import sys
 import weakref
 from time import perf_counter
 
-from shims.detect import report, tensors
+from shims.detect import report, sites, tensors
 from shims.detect.detector import Detector
 
 LOADER_WAIT_SHARE = 0.05  # num_workers=0 is reported when waiting for data takes at least this share of a step
@@ -44,24 +43,14 @@ class DataLoaders(Detector):
         self._infos = []  # every _LoaderInfo, judged at the end even when its DataLoader is gone
         self._iterators = weakref.WeakKeyDictionary()  # DataLoader iterator -> _LoaderInfo
         wrap = self.session.wrap
-        wrap(dataloader.DataLoader, "__init__", self._init_wrapper)
+        wrap(dataloader.DataLoader, "__init__", sites.after_construction(self, self._remember_loader))
         wrap(dataloader.DataLoader, "__iter__", self._iter_wrapper)
         wrap(dataloader._BaseDataLoaderIter, "__next__", self._next_wrapper)
 
-    def _init_wrapper(self, original):
-        detector = self
-
-        def __init__(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            if detector.on:
-                try:
-                    info = _LoaderInfo(detector.session.where(sys._getframe(1)), getattr(self, "num_workers", None),
-                                       bool(getattr(self, "pin_memory", False)))
-                    detector._loaders[self] = info
-                    detector._infos.append(info)
-                except Exception as exc:  # noqa: BLE001
-                    detector.session.fail(detector, exc)
-        return __init__
+    def _remember_loader(self, loader, where):
+        info = _LoaderInfo(where, getattr(loader, "num_workers", None), bool(getattr(loader, "pin_memory", False)))
+        self._loaders[loader] = info
+        self._infos.append(info)
 
     def _iter_wrapper(self, original):
         detector = self

@@ -18,11 +18,10 @@ Cost: the measured host time of step(); an estimate of the kernel launches the f
 from __future__ import annotations
 
 import inspect
-import sys
 import weakref
 from time import perf_counter
 
-from shims.detect import devices, report, tensors
+from shims.detect import devices, report, sites, tensors
 from shims.detect.detector import Detector
 
 KERNELS_PER_TENSOR = 8  # launches per parameter tensor and step of Adam/AdamW's for-loop (SGD with momentum: ~3)
@@ -49,7 +48,8 @@ class ForLoopOptimizers(Detector):
         self._built = weakref.WeakKeyDictionary()  # optimizer -> where it was built
         self._judged = weakref.WeakKeyDictionary()  # optimizer -> _Judged (a for-loop) or None (fine)
         self._timed = {}  # id(optimizer) -> _Judged, for the step pre-hook
-        session.wrap(session.torch.optim.Optimizer, "__init__", self._init_wrapper)
+        session.wrap(session.torch.optim.Optimizer, "__init__",
+                     sites.after_construction(self, self._remember_construction))
         pre_hook = getattr(optimizer_module, "register_optimizer_step_pre_hook", None)
         if pre_hook is not None:
             handle = pre_hook(self._before_step)
@@ -62,17 +62,8 @@ class ForLoopOptimizers(Detector):
                                 "optimizers left at foreach=None are not judged")
         session.on_step(self, self.step_done)
 
-    def _init_wrapper(self, original):
-        detector = self
-
-        def __init__(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            if detector.on:
-                try:
-                    detector._built[self] = detector.session.where(sys._getframe(1))
-                except Exception as exc:  # noqa: BLE001 - a detector never breaks the user's run
-                    detector.session.fail(detector, exc)
-        return __init__
+    def _remember_construction(self, optimizer, where):
+        self._built[optimizer] = where
 
     def _before_step(self, optimizer, args, kwargs):
         judged = self._timed.get(id(optimizer))
