@@ -62,18 +62,18 @@ def read_combination(results, name):
 
 
 def render(rows):
-    lines = ["| combination | Python | torch | frameworks | passed | failed | errors | skipped | time |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| combination | Python | torch | frameworks | commit | passed | failed | errors | skipped | time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         v = row["versions"]
         frameworks = ", ".join(f"{d} {v[d]}" for d in FRAMEWORKS if d in v) or "-"
         if not row["ran"]:
             lines.append(f"| {row['name']} | {v.get('python', '?')} | {v.get('torch', '?')} | {frameworks} "
-                         "| no junit file: the run crashed or never started | | | | |")
+                         f"| {v.get('commit', '?')} | no junit file: the run crashed or never started | | | | |")
             continue
         c = row["counts"]
         lines.append(f"| {row['name']} | {v.get('python', '?')} | {v.get('torch', '?')} | {frameworks} | "
-                     f"{c['passed']} | {c['failed']} | {c['errors']} | {c['skipped']} | {row['seconds']:.0f} s |")
+                     f"{v.get('commit', '?')} ({row['finished']}) | {c['passed']} | {c['failed']} | {c['errors']} | {c['skipped']} | {row['seconds']:.0f} s |")
     finished = [row["finished"] for row in rows if row["ran"]]
     if finished:
         tested = sorted({f"{r['versions']['commit']} ({r['versions'].get('tree', '?')})" for r in rows
