@@ -63,7 +63,7 @@ def _check_param(param, what):
     if not (param.is_leaf and param.requires_grad):
         raise ValueError(f"{what} needs a leaf tensor with requires_grad=True (a parameter); got a tensor with "
                          f"is_leaf={param.is_leaf}, requires_grad={param.requires_grad}")
-    if post_accumulate_mechanism() is None:
+    if not hasattr(param, "register_post_accumulate_grad_hook") and post_accumulate_mechanism() is None:
         raise RuntimeError(f"{what} needs Tensor.register_post_accumulate_grad_hook (torch >= 2.1) or hooks on "
                            f"autograd nodes (torch.autograd.graph.Node.register_hook); torch {torch.__version__} "
                            "has neither")

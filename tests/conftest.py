@@ -106,3 +106,11 @@ def optimizer_classes_restored():
             saved[key].__dict__.pop("hooked", None)
         else:
             saved[key].hooked = mark
+
+
+def marker_line(path, marker):
+    """`path:N` of the one line of `path` that carries `# marker` in a comment (findings name file:line)."""
+    with open(path) as f:
+        lines = [n for n, text in enumerate(f, 1) if f"# {marker}" in text]
+    assert len(lines) == 1, f"marker {marker!r} must appear once in {path}, found {len(lines)}"
+    return f"{path}:{lines[0]}"

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shims
+from tests.conftest import marker_line
 from shims import detect
 from shims.detect import tensors
 from shims.detect.detectors import forwards
@@ -25,11 +26,7 @@ SELF = __file__
 
 
 def line_of(marker):
-    """The line of this file that carries `marker` in a comment (findings name file:line)."""
-    with open(SELF) as f:
-        lines = [n for n, text in enumerate(f, 1) if f"# {marker}" in text]
-    assert len(lines) == 1, f"marker {marker!r} must appear once, found {len(lines)}"
-    return f"{SELF}:{lines[0]}"
+    return marker_line(SELF, marker)
 
 
 def observe(loop, *args, **kwargs):

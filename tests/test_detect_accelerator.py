@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import shims
+from tests.conftest import marker_line
 from shims.detect import devices
+from tests.test_detect import observe as observe_in_detect_mode
 from tests.test_detect import tensors_count_as_on_an_accelerator  # noqa: F401 - a fixture
 
 SELF = __file__
@@ -28,10 +30,7 @@ V100 = devices.Cores("compute capability 7.0", "float16", False, 8, None, "V100 
 
 
 def line_of(marker):
-    with open(SELF) as f:
-        lines = [n for n, text in enumerate(f, 1) if f"# {marker}" in text]
-    assert len(lines) == 1, f"marker {marker!r} must appear once, found {len(lines)}"
-    return f"{SELF}:{lines[0]}"
+    return marker_line(SELF, marker)
 
 
 def require_the_step_clock():
@@ -55,12 +54,7 @@ def require_the_step_clock():
 
 def observe(loop, *args, **kwargs):
     require_the_step_clock()
-    shims.enable(patches="none", mode="detect")
-    try:
-        loop(*args, **kwargs)
-    finally:
-        shims.disable()
-    return shims.status()["patches"]["detect"]["findings"]
+    return observe_in_detect_mode(loop, *args, **kwargs)
 
 
 def of_kind(findings, kind):

@@ -11,17 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import shims
+from tests.conftest import marker_line
 from tests.test_detect import observe
 
 SELF = __file__
 
 
 def line_of(marker):
-    """The line of this file that carries `marker` in a comment."""
-    with open(SELF) as f:
-        lines = [n for n, text in enumerate(f, 1) if f"# {marker}" in text]
-    assert len(lines) == 1, f"marker {marker!r} must appear once, found {len(lines)}"
-    return f"{SELF}:{lines[0]}"
+    return marker_line(SELF, marker)
 
 
 def summary(findings):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shims
+from tests.conftest import marker_line
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device here: host syncs and pinned memory exist only on an accelerator")
@@ -18,10 +19,7 @@ SELF = __file__
 
 
 def line_of(marker):
-    with open(SELF) as f:
-        lines = [n for n, text in enumerate(f, 1) if f"# {marker}" in text]
-    assert len(lines) == 1
-    return f"{SELF}:{lines[0]}"
+    return marker_line(SELF, marker)
 
 
 def observe(loop):

@@ -13,16 +13,14 @@ import pytest
 import torch
 
 import shims
+from tests.conftest import marker_line
 
 SELF = __file__
 VOCAB = "abcdefghij"
 
 
 def line_of(marker):
-    with open(SELF) as f:
-        lines = [n for n, text in enumerate(f, 1) if f"# {marker}" in text]
-    assert len(lines) == 1
-    return f"{SELF}:{lines[0]}"
+    return marker_line(SELF, marker)
 
 
 def build():

@@ -50,6 +50,21 @@ def no_half_kernel(exc):
     return re.search(r"not implemented for '?Half'?", str(exc)) is not None
 
 
+def run_unpatched_half_evaluation(model, evaluate):
+    """Run an unpatched fp16_eval evaluation with the model's outputs recorded: (recorder, None), or (recorder, why it
+    could not run) when, after model.half(), a float16 kernel this CPU build lacks stopped it."""
+    recorder, failed = OutputRecorder(model), None
+    try:
+        evaluate()
+    except RuntimeError as exc:
+        if not no_half_kernel(exc):
+            raise
+        failed = f"the unpatched .half() evaluation cannot run here: torch {torch.__version__} on the CPU: {exc}"
+    finally:
+        recorder.remove()
+    return recorder, failed
+
+
 def cpu_autocast_float16_missing():
     """Why CPU autocast cannot run these models in float16 on this torch, or None (bfloat16-only before ~2.2; then
     without float16 LayerNorm before ~2.3)."""
@@ -218,16 +233,9 @@ def reference_unpatched(reference_setup):
     """The unpatched fp16_eval evaluation: (model, optimizer, output recorder, why its forward failed or None).
     Where the CPU has no float16 kernels the forward raises, after `model.half()` has already converted the model."""
     model, optimizer = fresh_reference(reference_setup)
-    recorder, failed = OutputRecorder(model), None
-    try:
-        ref.evaluate(model, ref.FirstQueryCriterion(), {"bbox": ref.BoxPostProcess()}, reference_setup["batches"],
-                     reference_setup["coco"], "cpu", Args(fp16_eval=True))
-    except RuntimeError as exc:
-        if not no_half_kernel(exc):
-            raise
-        failed = f"the unpatched .half() evaluation cannot run here: torch {torch.__version__} on the CPU: {exc}"
-    finally:
-        recorder.remove()
+    recorder, failed = run_unpatched_half_evaluation(model, lambda: ref.evaluate(
+        model, ref.FirstQueryCriterion(), {"bbox": ref.BoxPostProcess()}, reference_setup["batches"],
+        reference_setup["coco"], "cpu", Args(fp16_eval=True)))
     return model, optimizer, recorder, failed
 
 
@@ -598,16 +606,9 @@ def rfdetr_unpatched(rfdetr_setup):
     model, optimizer = fresh_rfdetr(rfdetr_setup)
     args = copy.copy(rfdetr_setup["args"])
     args.fp16_eval = True
-    recorder, failed = OutputRecorder(model), None
-    try:
-        rfdetr.engine.evaluate(model, rfdetr_setup["criterion"], rfdetr_setup["post"], rfdetr_setup["loader"],
-                               rfdetr_setup["base_ds"], torch.device("cpu"), args=args, header="Test")
-    except RuntimeError as exc:  # after model.half(): a float16 kernel this CPU build lacks (grid_sampler before 2.6?)
-        if not no_half_kernel(exc):
-            raise
-        failed = f"the unpatched .half() evaluation cannot run here: torch {torch.__version__} on the CPU: {exc}"
-    finally:
-        recorder.remove()
+    recorder, failed = run_unpatched_half_evaluation(model, lambda: rfdetr.engine.evaluate(
+        model, rfdetr_setup["criterion"], rfdetr_setup["post"], rfdetr_setup["loader"], rfdetr_setup["base_ds"],
+        torch.device("cpu"), args=args, header="Test"))
     return model, optimizer, recorder, failed
 
 
