@@ -4,8 +4,8 @@ What shims adds on top, in one place:
 - callbacks per module name that can be forgotten again (`forget`, for shims.disable()); wrapt has no removal,
   so wrapt calls one dispatcher per name and the dispatcher calls whatever is registered now;
 - a module that executes again (`importlib.reload`, or imported anew after removal from sys.modules) fires again:
-  wrapt's hooks are one-shot, so after firing, the dispatcher re-arms itself in wrapt's table (feature-detected:
-  without that table, a reloaded target stays unpatched and `rearm_supported()` says so).
+  wrapt's hooks are one-shot, so after firing, the dispatcher re-arms itself in wrapt's table (feature-detected: a
+  wrapt without that table still patches every first import; only a reloaded target would stay unpatched).
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ def _table():
     import wrapt.importer
     table = getattr(wrapt.importer, "_post_import_hooks", None)
     return table if isinstance(table, dict) else None
-
-
-def rearm_supported():
-    return _table() is not None
 
 
 class _Dispatch:

@@ -158,10 +158,6 @@ def wrap(original, around):
     return _wrapper_classes()[0](original, around)
 
 
-def is_wrapper(obj):
-    return _WRAPPER_CLASSES is not None and isinstance(obj, _WRAPPER_CLASSES)
-
-
 class Context:
     """What `replace` / `detect` get besides the original: where they are, the options, and the receipt to write to.
 
