@@ -110,7 +110,7 @@ def built_wheel(session):
                 shutil.copy2(source, suite)
         provenance()
         session.run("uv", "build", "--wheel", "--out-dir", out, tree(), external=True, silent=True)
-        (_wheel,) = glob.glob(os.path.join(out, "shims-*.whl"))
+        (_wheel,) = glob.glob(os.path.join(out, "torch_shims-*.whl"))
     return _wheel
 
 

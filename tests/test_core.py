@@ -828,7 +828,7 @@ def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_packag
     if proc.returncode != 0 and "No module named" in proc.stderr and "setuptools" in proc.stderr:
         pytest.skip("setuptools is not installed in this environment, so the wheel cannot be built offline")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (wheel,) = (tmp_path / "wheel").glob("shims-*.whl")
+    (wheel,) = (tmp_path / "wheel").glob("torch_shims-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"shims", wheel.name.split("-")[0] + "-" +
                                                 wheel.name.split("-")[1] + ".dist-info"}

@@ -53,7 +53,7 @@ def wheel(tmp_path_factory):
     except ImportError:
         isolation = []  # pip fetches setuptools from the package index
     proc = run([sys.executable, "-m", "pip", "wheel", SOURCE, "--no-deps", *isolation, "-w", str(out)])
-    wheels = glob.glob(str(out / "shims-*.whl"))
+    wheels = glob.glob(str(out / "torch_shims-*.whl"))
     if proc.returncode != 0 or not wheels:
         pytest.skip(f"cannot build the shims wheel here (offline without setuptools?): {proc.stderr[-500:]}")
     return wheels[0]
@@ -76,7 +76,7 @@ def test_wheel_install_leaves_an_older_torch_as_it_was(wheel, tmp_path):
     planned = {item["metadata"]["name"].lower(): item["metadata"]["version"]
                for item in json.loads(report.read_text())["install"]}
     assert not {name for name in planned if name in TORCH_STACK or name.startswith("nvidia-")}, planned
-    assert set(planned) <= {"shims", "wrapt", "packaging"}, planned  # shims' own runtime dependencies at most
+    assert set(planned) <= {"torch-shims", "wrapt", "packaging"}, planned  # shims' own runtime dependencies at most
     assert torch_version(python) == before
 
 
