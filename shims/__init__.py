@@ -21,9 +21,9 @@ def enable(patches=None, *, disable=None, mode=None, strict=None, report=None, l
     "fit_one_epoch,train_epoch"} or {"doctr_functions": [...]}. Returns the receipt, as shims.status() does.
     """
     from shims import _boot, config
-    overrides = config.overrides_from_arguments(patches=patches, disable=disable, mode=mode, strict=strict,
-                                                report=report, log=log, options=options)
-    _boot.start(overrides)
+    overrides, shown = config.overrides_from_arguments(patches=patches, disable=disable, mode=mode, strict=strict,
+                                                       report=report, log=log, options=options)
+    _boot.start(overrides, shown)
     return status()
 
 

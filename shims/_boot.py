@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 
-def start(overrides=None):
-    """Parse the environment (plus `overrides`), enable the engine, return it. Raises ShimsConfigError on bad input,
-    before anything is patched."""
+def start(overrides=None, shown=None):
+    """Parse the environment (plus `overrides`; `shown` names the arguments they came from in errors), enable the
+    engine, return it. Raises ShimsConfigError on bad input, before anything is patched."""
     from shims import config, engine, registry
     patches = registry.load()
-    cfg = config.from_environment(patches, overrides)
+    cfg = config.from_environment(patches, overrides, shown)
     return engine.get().enable(cfg, patches)
 
 

@@ -28,15 +28,16 @@ class Option:
     """A per-patch setting read from `SHIMS_<PATCH>_<NAME>` (validated in `shims.config`).
 
     kind: "choice" (one of `choices`), "list" (comma-separated words), "sites" (comma-separated `module:function`),
-    "str" (any text), "int" (an integer).
+    "str" (any text), "int" (an integer from `minimum` (default 0: counts) to `maximum` (default: none)).
     """
 
-    __slots__ = ("name", "kind", "choices", "default", "help")
+    __slots__ = ("name", "kind", "choices", "default", "help", "minimum", "maximum")
 
-    def __init__(self, name, kind="choice", *, default=None, choices=(), help=""):
+    def __init__(self, name, kind="choice", *, default=None, choices=(), help="", minimum=0, maximum=None):
         if kind not in ("choice", "list", "sites", "str", "int"):
             raise ValueError(f"Option kind {kind!r} is not one of choice, list, sites, str, int")
         self.name, self.kind, self.choices, self.default, self.help = name.upper(), kind, tuple(choices), default, help
+        self.minimum, self.maximum = minimum, maximum
 
 
 class Target:

@@ -119,6 +119,9 @@ BAD = [
     ("SHIMS_DDP_OBSERVE", "many", ["integer"]),
     ("SHIMS_DOCTR_FUNCTIONS", "fit-one-epoch", ["Python identifiers"]),
     ("SHIMS_DETR_DTYPE", "fp8", ["auto", "float16", "bfloat16", "float32"]),
+    # ranges: a negative count of iterations is refused, not read as "off"
+    ("SHIMS_DDP_OBSERVE", "-1", ["out of range", "a whole number >= 0"]),
+    ("SHIMS_DDP_OBSERVE", "fifty", ["not an integer", "a whole number >= 0"]),
     # misspelt variable names: the message names the variable, suggests the right one and lists the valid ones
     ("SHIMS_PATCH", "doctr", ["did you mean 'SHIMS_PATCHES'", "SHIMS_DISABLE", "SHIMS_MODE", "SHIMS_DOCTR_FUNCTIONS"]),
     ("SHIMS_DOCTR_FUNCTION", "fit_one_epoch", ["did you mean 'SHIMS_DOCTR_FUNCTIONS'", "SHIMS_PATCHES"]),
@@ -139,10 +142,14 @@ def test_bad_values_and_names_are_errors_naming_variable_value_and_choices(patch
 
 
 def test_enable_arguments_are_validated_like_the_environment():
-    with pytest.raises(shims.ShimsConfigError, match="SHIMS_MODE='fixx'.*fix, detect, off"):
+    # errors name the argument the bad value came from, not the variable it stands for
+    with pytest.raises(shims.ShimsConfigError, match=r"shims.enable\(mode='fixx'\).*fix, detect, off"):
         shims.enable(mode="fixx")
-    with pytest.raises(shims.ShimsConfigError, match="SHIMS_PATCHES"):
+    with pytest.raises(shims.ShimsConfigError, match=r"shims.enable\(patches=\['doctr', 'nope'\]\).*'nope'") as info:
         shims.enable(patches=["doctr", "nope"])
+    assert "SHIMS_PATCHES" not in str(info.value)
+    with pytest.raises(shims.ShimsConfigError, match=r"options=\{'SHIMS_DDP_OBSERVE': -1\}.*out of range.*>= 0"):
+        shims.enable(options={"SHIMS_DDP_OBSERVE": -1})
     assert shims.status()["patches"] == {}
     assert "SHIMS__BOOT" not in os.environ
 
