@@ -1,137 +1,230 @@
-"""The command line: `python -m shims {run,doctor,list,status} ...`."""
+"""The command line: `python -m shims {run,doctor,list} ...` (also installed as the `shims` command).
+
+argparse, not click: it is in the standard library, so the command line adds no dependency (installing shims must
+change nothing else in the user's environment), and it gives `-h/--help` on every subcommand, `--version` and
+usage errors with exit status 2, the conventions of pytest, ddtrace-run and opentelemetry-instrument.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-USAGE = """usage: python -m shims COMMAND [ARGS]
+NOT_A_TTY_WIDTH = 100  # columns when the output is a pipe or a file
 
-commands:
-  run SCRIPT [ARGS...]      run SCRIPT as `python SCRIPT ARGS` would, with the patches enabled
-                            (processes it starts -- spawn children, DataLoader workers, torchrun workers -- too)
-  doctor [--profile N] SCRIPT [ARGS...]
-                            run SCRIPT unchanged in observe-only mode (SHIMS_MODE=detect) and print what shims
-                            found at exit: each mistake, where, how often, its cost, and the fix;
-                            --profile N: also torch.profiler over N optimizer steps after 2 warm-up steps (the top
-                            operators table, and a Chrome/Perfetto trace beside the JSON report)
-  list                      every patch: target, supported versions, installed version, whether it would apply
-  help                      this text
-
-environment (read once, at start; a bad name or value is an error that names the valid choices):
-  SHIMS_PATCHES   all (default) | none | comma list of patch names
-  SHIMS_DISABLE   comma list of patch names to leave out
-  SHIMS_MODE      fix (default) | detect | off
-  SHIMS_STRICT    0 (default) | 1: a patch that cannot apply raises instead of being skipped
-  SHIMS_REPORT    path of the JSON receipt written at exit ({pid} is replaced by the process id)
-  SHIMS_LOG       DEBUG | INFO | WARNING | ERROR | CRITICAL: level of the `shims` logger (stderr)
-  SHIMS_PROFILE_STEPS   N: in detect mode, profile N optimizer steps (what doctor's --profile N sets)
-  SHIMS_<PATCH>_<OPTION>   per-patch options: `python -m shims list` shows them
-"""
+COMMAND_HELP = (
+    "COMMAND is one of: a script (train.py ARGS, a directory or zip with __main__.py); -m module ARGS; "
+    "python train.py ARGS or python -m module ARGS (this interpreter: run here, exactly as Python runs it); or any "
+    "program whose Python processes shims then reaches (accelerate launch train.py, torchrun --nproc_per_node 2 "
+    "train.py, a shell script). Put -- before a COMMAND that starts with -. A missing script exits with status 2, "
+    "as Python does."
+)
 
 
-def _list(out=sys.stdout):
-    from shims import config, registry, versions
-    patches = registry.load()
+def output_width(stream=None) -> int:
+    """Columns to fill: $COLUMNS, else the terminal's width, else 100 (a pipe or a file)."""
+    import shutil
+    stream = sys.stdout if stream is None else stream
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
     try:
-        cfg = config.from_environment(patches)
-        why_off = cfg.why_off
-    except Exception as exc:  # noqa: BLE001 - list must still work with a broken environment, and say so
-        cfg, why_off = None, {}
-        out.write(f"note: the environment does not parse: {exc}\n\n")
-    for patch in patches:
-        options = cfg.options[patch.name] if cfg else {o.name: o.default for o in patch.options}
-        targets = patch.resolve_targets(options)
-        out.write(f"{patch.name}: {patch.summary}\n")
-        out.write(f"  targets:    {', '.join(str(t) for t in targets)}\n")
-        torch_here = versions.installed("torch")
-        verdicts = []
-        # each target's ranges (targets with the same ranges share a line): the framework or user code, the release
-        # that fixed it upstream, torch
-        groups = {}
-        for target in targets:
-            groups.setdefault(target.ranges(patch), []).append(target)
-        for (distribution, supported, fixed_in, torch_range), members in groups.items():
-            if distribution is None:
-                what = "user code (no version check: the function's shape decides)"
-                verdict = None
+        if stream.isatty():
+            return max(shutil.get_terminal_size().columns, 40)
+    except (AttributeError, ValueError, OSError):
+        pass
+    return NOT_A_TTY_WIDTH
+
+
+def wrap(text, width, indent="", hanging="    "):
+    """One logical line wrapped to `width`, continuation lines indented by `hanging` more than the first."""
+    import textwrap
+    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent + hanging,
+                         break_long_words=False, break_on_hyphens=False) or indent
+
+
+def _plain(text):
+    return text.replace("`", "")
+
+
+def environment_help(width):
+    """The environment variables for --help, generated from shims/config.py (the README's table has the same
+    source)."""
+    from shims import config, registry
+    rows = config.environment_rows(registry.load())
+    name_width = min(max(len(row[0]) for row in rows) + 2, 30)
+    lines = ["environment variables (read once, at start; a bad name or value is an error naming the valid ones):"]
+    for name, values, default, meaning in rows:
+        text = f"{_plain(meaning)}. Values: {_plain(values)}; default {_plain(default)}."
+        body = wrap(text, width, indent=" " * (name_width + 2), hanging="")
+        lines.append(f"  {name.ljust(name_width)}{body[name_width + 2:]}")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors named after the subcommand (`shims doctor: ...`), then the usage, exit status 2."""
+
+    def error(self, message):
+        name = "shims " + self.prog.split()[-1] if self.prog.split()[-1] in SUBCOMMANDS else "shims"
+        self.exit(2, f"{name}: {message}\n{self.format_usage()}")
+
+
+SUBCOMMANDS = ("run", "doctor", "list", "help")
+
+
+def _prog():
+    """How the user called us: `shims` (the installed command) or `python -m shims`."""
+    first = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "shims" if first in ("shims", "shims.exe") else "python -m shims"
+
+
+def build_parser(width=None) -> argparse.ArgumentParser:
+    import functools
+    from shims import __version__
+    width = output_width() if width is None else width
+    formatter = functools.partial(argparse.RawDescriptionHelpFormatter, width=width, max_help_position=30)
+    prog = _prog()
+    parser = _Parser(prog=prog, formatter_class=formatter, allow_abbrev=False,
+                     description=wrap("Patch-in fixes for known, costly mistakes in PyTorch training and evaluation "
+                                      "loops. `import shims.auto` as the first line of a script does the same as "
+                                      "`run`.", width, hanging=""),
+                     epilog=environment_help(width))
+    parser.add_argument("--version", action="version",
+                        version=f"torch-shims {__version__} (import name shims; Python {sys.version.split()[0]})")
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def command_parser(name, summary, extra=""):
+        p = sub.add_parser(name, help=summary, formatter_class=formatter, allow_abbrev=False,
+                           description="\n\n".join(wrap(t, width, hanging="") for t in (summary + extra, COMMAND_HELP)))
+        p.add_argument("-m", dest="module", nargs=argparse.REMAINDER, metavar="MODULE",
+                       help="run a module as `python -m MODULE ARGS` does (the rest are its arguments)")
+        p.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                       help="what to run, and its arguments (see above)")
+        return p
+
+    def usage_of(p, name):
+        """`prog NAME [-h] [OPTIONS] [--] COMMAND [ARGS ...]`: argparse would write `-m ...` and `...`."""
+        words = []
+        for action in p._actions:
+            if not action.option_strings or action.dest in ("help", "module"):
+                continue
+            if action.nargs == 0:
+                words.append(f"[{action.option_strings[0]}]")
             else:
-                installed = versions.installed(distribution)
-                what = (f"{distribution} {supported or 'any version'}"
-                        f"{'; fixed upstream in ' + fixed_in if fixed_in else '; not fixed upstream'}; "
-                        f"installed: {installed or 'not installed'}")
-                verdict = (f"{distribution} is not installed here" if installed is None
-                           else versions.verdict(patch, installed, distribution, supported, fixed_in))
-                verdict = verdict[1] if isinstance(verdict, tuple) else verdict
-            if verdict is None and distribution != "torch":
-                found = versions.torch_verdict(torch_range, torch_here)
-                verdict = found[1] if found else None
-            if distribution != "torch":
-                what += f"; torch {torch_range or 'any'} (installed: {torch_here or 'not installed'})"
-            names = ", ".join(str(t) for t in members)
-            out.write(f"  {'versions:' if len(groups) == 1 else names + ':'}   {what}\n")
-            verdicts.extend([verdict] * len(members))
-        if patch.upstream:
-            out.write(f"  upstream:   {patch.upstream}\n")
-        if why_off.get(patch.name):
-            would = f"no: {why_off[patch.name]}"
-        elif verdicts and all(v is not None for v in verdicts):
-            would = "no: " + "; ".join(dict.fromkeys(verdicts))
-        else:
-            would = "yes, when its target is imported (after a fingerprint check)"
-            refused = [v for v in verdicts if v is not None]
-            if refused:
-                would += "; not where " + "; ".join(dict.fromkeys(refused))
-        out.write(f"  would apply: {would}\n")
-        for option in patch.options:
-            var = f"SHIMS_{patch.name.upper()}_{option.name}"
-            shown = options.get(option.name)
-            shown = ",".join(shown) if isinstance(shown, (list, tuple)) else shown
-            choices = f" [{' | '.join(option.choices)}]" if option.choices else ""
-            out.write(f"  {var}={shown}{choices}  {option.help}\n")
-        if patch.docs:
-            out.write(f"  docs:       {patch.docs}\n")
-        out.write("\n")
-    for name, problem in registry.broken().items():
-        out.write(f"{name}: BROKEN: {problem}\n\n")
-    return 0
+                words.append(f"[{action.option_strings[0]} {action.metavar or action.dest.upper()}]")
+        p.usage = " ".join([prog, name, "[-h]", *words, "[--] COMMAND [ARGS ...]"])
+
+    usage_of(command_parser("run", "run COMMAND with the patches enabled, as it runs without shims; the processes it "
+                   "starts (spawn children, DataLoader workers, torchrun or accelerate workers) too"), "run")
+    from shims import doctor
+    doctor_parser = command_parser(
+        "doctor", "run COMMAND unchanged in observe-only mode (SHIMS_MODE=detect) and print what "
+        "shims found at exit: each mistake, where, how often, its cost and the fix",
+        "; the JSON report goes to SHIMS_REPORT (default shims-doctor.json)")
+    doctor.add_arguments(doctor_parser)
+    usage_of(doctor_parser, "doctor")
+    lister = sub.add_parser("list", help="every patch: its targets, the versions here, whether it would apply in "
+                            "this environment, and its options", formatter_class=formatter, allow_abbrev=False,
+                            description=wrap("Every patch (or PATCH): its targets, the supported and installed "
+                                             "versions, whether it would apply with the current environment and mode, "
+                                             "and its options with their current values.", width, hanging=""))
+    lister.add_argument("patch", nargs="?", metavar="PATCH", help="only this patch")
+    lister.add_argument("--json", action="store_true", help="as JSON (the same facts, for scripts)")
+    helper = sub.add_parser("help", help="this help, or a command's (help run)", formatter_class=formatter)
+    helper.add_argument("topic", nargs="?", choices=[s for s in SUBCOMMANDS if s != "help"], metavar="COMMAND")
+    parser._shims_subparsers = sub.choices  # for `help COMMAND`
+    return parser
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        sys.stdout.write(USAGE)
-        return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+def _command_words(ns):
+    """The COMMAND as typed: `-m module ARGS` (argparse hands `-m`'s words and any words after a `--` apart), or
+    the words after an optional leading `--`."""
+    if ns.module is not None:
+        return ["-m", *ns.module, *ns.command]
+    words = list(ns.command)
+    if words[:1] == ["--"]:
+        words = words[1:]
+    return words
+
+
+def _script_status(code):
+    """The exit status Python gives SystemExit(code), printing a non-integer code as Python does."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
+
+
+def _run(ns, parser):
+    from shims import runner
     from shims.errors import ShimsConfigError
+    name = ns.subcommand
+    words = _command_words(ns)
+    if not words:
+        parser._shims_subparsers[name].error("expected a script, -m module, or a command to run")
+    if name == "doctor":
+        from shims import doctor
+        try:
+            doctor.apply(ns)
+        except ShimsConfigError as exc:
+            parser._shims_subparsers[name].error(str(exc))
+        os.environ["SHIMS_MODE"] = "detect"
+        doctor.print_table_at_exit()
+    previous_hook = sys.excepthook
     try:
-        if command == "list":
-            return _list()
-        if command in ("run", "doctor"):
-            usage = f"usage: python -m shims {command} SCRIPT [ARGS...]"
-            if command == "doctor":
-                from shims import doctor
-                usage = doctor.USAGE
-                try:
-                    rest = doctor.take_options(rest)  # --profile N, before the script path
-                except ShimsConfigError as exc:
-                    sys.stderr.write(f"shims doctor: {exc}\n{usage}\n")
-                    return 2
-            if not rest or rest[0].startswith("-"):
-                sys.stderr.write(f"shims {command}: expected a script path, got {rest[0] if rest else 'nothing'}\n"
-                                 f"{usage}\n")
-                return 2
-            if command == "doctor":
-                os.environ["SHIMS_MODE"] = "detect"
-                doctor.print_table_at_exit()
-            from shims import runner
-            runner.run_script(rest[0], rest[1:])
-            return 0
+        status = runner.run_command(words, replace_process=(name == "run"))
+    except runner.CommandError as exc:
+        sys.stderr.write(f"shims {name}: {exc}\n")
+        return exc.status
     except ShimsConfigError as exc:
-        sys.stderr.write(f"shims: configuration error: {exc}\n")
+        sys.stderr.write(f"shims {name}: configuration error: {exc}\n")
         return 2
-    sys.stderr.write(f"shims: unknown command {command!r}; valid: run, doctor, list, help\n")
-    return 2
+    except SystemExit as exc:
+        if name != "doctor":
+            raise
+        status = _script_status(exc.code)
+    except Exception:  # noqa: BLE001 - the script's own, already shown from its first frame (runner)
+        if name != "doctor" or sys.excepthook is not runner._quiet_hook:
+            raise
+        sys.excepthook = previous_hook
+        status = 1
+    if status < 0:  # a program killed by a signal: the shell's 128 + N
+        status = 128 - status
+    if name == "doctor":
+        from shims import doctor
+        return doctor.exit_status(status)
+    return status
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        if ns.subcommand == "help":
+            target = parser._shims_subparsers[ns.topic] if ns.topic else parser
+            target.print_help()
+            return 0
+        if ns.subcommand == "list":
+            from shims import listing
+            return listing.show(ns.patch, as_json=ns.json, out=sys.stdout, width=output_width())
+    except BrokenPipeError:
+        return _closed_pipe()
+    return _run(ns, parser)
+
+
+def _closed_pipe():
+    """The reader went away (`| head`): stop quietly; Python's own flush at exit must not complain again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 1
 
 
 if __name__ == "__main__":

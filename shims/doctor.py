@@ -4,7 +4,7 @@ At exit: a table of findings on stderr (kind, count, place; then what happened, 
 receipt at SHIMS_REPORT (default `shims-doctor.json` in the working directory; processes the script starts write
 `shims-doctor.<pid>.json` beside it, and their findings join the table). docs/detect.md documents both.
 
-`--profile N` (take_options) sets SHIMS_PROFILE_STEPS: the profiler is shims/detect/detectors/profile.py.
+`--profile N` (add_arguments, apply) sets SHIMS_PROFILE_STEPS: the profiler is shims/detect/detectors/profile.py.
 The doctor only reads results: the receipt of this process (from the engine) and the reports children wrote; the
 table's layout is shims.detect.report's. It never imports the detectors: their exit handler, registered when torch is
 imported (after this one), runs before it (atexit is last-in, first-out) and has written the final findings.
@@ -12,13 +12,13 @@ imported (after this one), runs before it (atexit is last-in, first-out) and has
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 from shims.detect import report as detect_report
 
 DEFAULT_REPORT = "shims-doctor.json"
-USAGE = "usage: python -m shims doctor [--profile N] SCRIPT [ARGS...]"
 
 format_table = detect_report.format_table
 print_findings = detect_report.print_findings
@@ -30,30 +30,25 @@ def table_registered():
     return detect_report.table_claimed()
 
 
-def take_options(argv):
-    """The doctor's own options, before the script path: `--profile N` / `--profile=N` (optimizer steps to profile,
-    shims/detect/detectors/profile.py). Returns the rest (script and its arguments). A bad option or value raises
-    ShimsConfigError naming the option, the value and what is valid; a good one reaches the run (and the processes
-    it starts) as SHIMS_PROFILE_STEPS."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The doctor's own options, on `python -m shims doctor`'s parser (before the command)."""
+    parser.add_argument("--profile", metavar="N", default=None,
+                        help="also run torch.profiler over N optimizer steps after 2 warm-up steps: the top "
+                             "operators table, and a Chrome/Perfetto trace beside the JSON report")
+
+
+def apply(ns: argparse.Namespace) -> None:
+    """Apply the options before the script runs: `--profile N` reaches the run (and the processes it starts) as
+    SHIMS_PROFILE_STEPS. A bad value raises ShimsConfigError naming the option, the value and what is valid."""
     from shims import config
-    from shims.errors import ShimsConfigError
-    rest = list(argv)
-    while rest and rest[0].startswith("-"):
-        word = rest.pop(0)
-        if word == "--":
-            break
-        name, eq, value = word.partition("=")
-        if name != "--profile":
-            raise ShimsConfigError(f"unknown option {word!r}; valid: --profile N (optimizer steps to profile, 1 or "
-                                   "more), then the script path")
-        if not eq:
-            if not rest:
-                raise ShimsConfigError("--profile needs a value; valid: a whole number of optimizer steps to "
-                                       "profile, 1 or more (e.g. --profile 5)")
-            value = rest.pop(0)
-        steps = config.parse_profile_steps(value, f"--profile {value!r}")
+    if ns.profile is not None:
+        steps = config.parse_profile_steps(ns.profile, f"--profile {ns.profile!r}")
         os.environ[config.PROFILE_VAR] = str(steps)  # the command line wins over the environment
-    return rest
+
+
+def exit_status(script_status: int) -> int:
+    """The doctor's exit status: the script's own."""
+    return script_status
 
 
 def print_table_at_exit():

@@ -16,6 +16,18 @@ from __future__ import annotations
 import threading
 
 SCHEMA = 1
+
+# Where the project's documentation is published: `list` and the receipt link there, never to a path in the
+# repository (the wheel ships no docs/). The one place that knows the address.
+DOCS_URL = "https://github.com/torch-shims/torch-shims/blob/main/"
+
+
+def docs_url(path):
+    """The URL of a documentation page given by its path in the repository (`docs/patches/doctr.md`); a URL or an
+    empty path is returned as it is."""
+    if not path or "://" in path:
+        return path
+    return DOCS_URL + path.lstrip("/")
 _RANK = ("error", "applied", "skipped", "fixed-upstream", "reverted", "not-imported", "disabled")
 
 
@@ -23,7 +35,7 @@ class PatchRecord:
     """What one patch did: per-target status, counters, notes and (detect mode) findings."""
 
     def __init__(self, name, summary="", docs="", distribution=None):
-        self.name, self.summary, self.docs, self.distribution = name, summary, docs, distribution
+        self.name, self.summary, self.docs, self.distribution = name, summary, docs_url(docs), distribution
         self.version = None
         self.targets = {}  # "module:qualname" -> {"status", "reason"}
         self.counters = {}
