@@ -270,9 +270,9 @@ class Engine:
         try:
             if self.config is None:
                 return
-            log = self._log()
-            for line in self.receipt.summary_lines():
-                log.info("receipt: %s", line)
+            from shims import _log, config as config_module
+            if not config_module.is_child() or self._did_anything():
+                _log.log_receipt(self.receipt)  # one line per process, with pid and rank
             path = self.report_path()
             from shims import config as config_module
             if path and (not config_module.is_child() or self._did_anything()):
