@@ -54,7 +54,8 @@ def environment_help(width):
     from shims import config, registry
     rows = config.environment_rows(registry.load())
     name_width = min(max(len(row[0]) for row in rows) + 2, 30)
-    lines = ["environment variables (read once, at start; a bad name or value is an error naming the valid ones):"]
+    lines = [wrap("environment variables (read once, at start; a bad name or value is an error naming the valid "
+                  "ones):", width, hanging="")]
     for name, values, default, meaning in rows:
         text = f"{_plain(meaning)}. Values: {_plain(values)}; default {_plain(default)}."
         body = wrap(text, width, indent=" " * (name_width + 2), hanging="")

@@ -34,8 +34,9 @@ def _target_facts(patch, target):
     elif distribution and installed is None:
         applies, why = False, f"{distribution} is not installed here"
     else:
-        applies, why = True, "when its module is imported, after a fingerprint check" if distribution or \
-            target.module != "__main__" else "when the script defines it, after a fingerprint check"
+        applies, why = True, ("versions fit: patched when its module is imported, after a fingerprint check"
+                              if distribution or target.module != "__main__"
+                              else "patched when the script defines it, after a fingerprint check")
     return {"target": str(target), "distribution": distribution, "supported": supported or None,
             "fixed_in": fixed_in, "installed": installed, "torch": torch_range or None,
             "verdict": None if verdict is None else {"status": verdict[0], "reason": verdict[1]},
@@ -108,7 +109,7 @@ def format_text(data, width):
         lines.append(wrap(f"would apply: {patch['would_apply']}", width, indent="  "))
         groups = {}
         for fact in patch["targets"]:
-            key = (_ranges(fact), "yes, " + fact["why"] if fact["would_apply"] else "no: " + fact["why"])
+            key = (_ranges(fact), fact["why"] if fact["would_apply"] else "not here: " + fact["why"])
             groups.setdefault(key, []).append(fact["target"])
         for (ranges, verdict), names in groups.items():
             lines.append(wrap(f"{', '.join(names)}: {ranges}; {verdict}", width, indent="  "))

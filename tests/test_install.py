@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import SOURCE
+from tests.conftest import SOURCE, clean_env
 
 TORCH_STACK = ("torch", "torchvision", "numpy", "triton")
 
@@ -89,3 +89,32 @@ def test_wheel_declares_no_torch_requirement(wheel):
     runtime = [r for r in requires if "extra ==" not in r]
     assert not [r for r in runtime if r.split(";")[0].strip().lower().startswith("torch")], runtime
     assert any(r.lower().startswith("wrapt") for r in runtime), runtime  # issue 11: wrapt underneath
+
+@pytest.mark.slow
+def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_package(tmp_path):
+    """`pip install .` gives `shims` with `shims.patches`; no top-level `patches` lands in site-packages."""
+    import zipfile
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", SOURCE, "--no-deps", "--no-build-isolation",
+                           "-w", str(tmp_path / "wheel"), "-q"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
+    if proc.returncode != 0 and "No module named" in proc.stderr and "setuptools" in proc.stderr:
+        pytest.skip("setuptools is not installed in this environment, so the wheel cannot be built offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("torch_shims-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"shims", wheel.name.split("-")[0] + "-" +
+                                                wheel.name.split("-")[1] + ".dist-info"}
+    for patch in ("doctr", "detr", "ddp", "colossalai"):
+        assert f"shims/patches/{patch}.py" in names
+    assert "shims/bootstrap/sitecustomize.py" in names
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    check = subprocess.run(
+        [sys.executable, "-S", "-c", "import sys; sys.path[:0] = [sys.argv[1]] + sys.argv[2:];"
+         "import importlib.util, shims.auto, shims.patches.doctr;"
+         "print(shims.auto.__file__.startswith(sys.argv[1]), importlib.util.find_spec('patches') is None,"
+         " sorted(shims.status()['patches']))", str(target)] + [p for p in sys.path if "site-packages" in p],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=clean_env(PYTHONPATH=""))
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.split() == ["True", "True", "['colossalai',", "'ddp',", "'detr',", "'doctr']"], check.stdout
