@@ -165,14 +165,18 @@ def _run(ns, parser):
     from shims.errors import ShimsConfigError
     name = ns.subcommand
     words = _command_words(ns)
-    if not words:
-        parser._shims_subparsers[name].error("expected a script, -m module, or a command to run")
+    usage = parser._shims_subparsers[name].format_usage()
     if name == "doctor":
         from shims import doctor
         try:
-            doctor.apply(ns)
+            doctor.apply(ns)  # its options first: a bad value is named before anything else
         except ShimsConfigError as exc:
-            parser._shims_subparsers[name].error(str(exc))
+            sys.stderr.write(f"shims {name}: {exc}\n{usage}")
+            return 2
+    if not words:
+        sys.stderr.write(f"shims {name}: expected a script, -m module, or a command to run\n{usage}")
+        return 2
+    if name == "doctor":
         os.environ["SHIMS_MODE"] = "detect"
         doctor.print_table_at_exit()
     previous_hook = sys.excepthook
@@ -205,7 +209,14 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser()
-        ns = parser.parse_args(argv)
+        try:
+            ns, unknown = parser.parse_known_args(argv)
+            if unknown:  # options before the COMMAND that the subcommand does not have
+                sub = parser._shims_subparsers.get(getattr(ns, "subcommand", None), parser)
+                sub.error(f"unknown option {unknown[0]!r}; the options are listed by --help, then comes the "
+                          "COMMAND (put -- before a COMMAND that starts with -)")
+        except SystemExit as exc:  # --help, --version, a usage error: a status, not an exception, for callers
+            return exc.code
         if ns.subcommand == "help":
             target = parser._shims_subparsers[ns.topic] if ns.topic else parser
             target.print_help()
