@@ -8,7 +8,7 @@ The loop is examples/doctr_train.py's fit_one_epoch (doctr <= 0.11.0, with its s
 `python -m shims doctor` on; the detectors then track two forwards and report one per step) or the hand-fixed one.
 Detect mode here is the generic detectors only (shims.enable(patches="none", mode="detect")): the hooks on every
 module call, the optimizer-step hook and the wrapped Tensor methods that the loop calls every step.
-Goal (issue 7): detect / plain <= 1.05 (median step time). The first round of each variant is a warm-up, not counted.
+Goal: detect / plain <= 1.05 (median step time). The first round of each variant is a warm-up, not counted.
 """
 
 import argparse

@@ -5,7 +5,7 @@ run alternately in one process on the same model, plus one forward alone for the
         [--device auto|cpu|cuda] [--amp] [--check-steps 3] [--json results.json]
 
 theoretical gain = (hand-fixed step + one forward) / hand-fixed step, measured here in the same run.
-Goals (issue 3): patched / hand-fixed <= 1.02; unpatched / patched >= 0.95 x theoretical gain.
+Goals: patched / hand-fixed <= 1.02; unpatched / patched >= 0.95 x theoretical gain.
 
 Weights check (before the timing): each variant trains --check-steps steps from the same initial weights, seed and
 batches; the final weights are compared with the hand-fixed run's. The tolerance is 0 (bitwise): patched and

@@ -1,4 +1,4 @@
-"""What `import shims.auto` on a script's first line costs a whole process (issue 13), on the interpreter running this.
+"""What `import shims.auto` on a script's first line costs a whole process, on the interpreter running this.
 
     .venv/bin/python benchmarks/start_cost.py [--rounds 7] [--no-fallback]
 

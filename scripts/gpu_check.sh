@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check of issue 15, as one command: install the carried wheels (.whl/, see scripts/gpu_wheels.sh), probe the
+# The GPU check, as one command: install the carried wheels (.whl/, see scripts/gpu_wheels.sh), probe the
 # machine, run the CUDA tests and the doctr / RF-DETR benchmarks on CUDA, and write ONE results file, gpu_check.md
 # (markdown tables, then the whole result as JSON), into $OUT, or into the folder given as argument when $OUT is unset.
 # Each stage runs under its own `timeout`, clipped to what is left of a 280 s budget, and a failed or stuck stage is
 # recorded and the next one runs: the whole check ends in under 5 minutes.
 #
-#   bash scripts/gpu_check.sh                         on the CUDA machine (device tool: carry .whl, $OUT set)
+#   bash scripts/gpu_check.sh                         on the CUDA machine (with .whl/ copied, $OUT set)
 #   bash scripts/gpu_check.sh --cpu-dry-run DIR       here: every stage on the CPU at the tiniest sizes (plumbing)
 #   options: --install / --no-install (default: install on CUDA runs only), --only STAGE[,STAGE]
 #   environment: PYTHON (default .venv/bin/python if present, else python3), GPU_CHECK_SITE (default /tmp/site),
@@ -97,7 +97,7 @@ stage tests_cuda_path 35 "${PYTEST[@]}" --junitxml="$WORK/tests_cuda_path.xml" "
 
 # the writer is standard library only; if even it fails, the logs go into the results file as they are
 if ! timeout -k 5 20 "$PYTHON" scripts/gpu_results.py write "$WORK" "$RESULT" --mode $MODE; then
-  { echo "# shims GPU check (issue 15): the results writer failed; raw stage records follow"
+  { echo "# shims GPU check: the results writer failed; raw stage records follow"
     for f in "$WORK"/*; do echo "## $(basename "$f")"; echo '```'; tail -c 3000 "$f"; echo '```'; done
   } > "$RESULT"
 fi

@@ -147,7 +147,7 @@ def markdown(results):
     env = results.get("env") or {}
     gpu = env.get("gpu") or {}
     dry = results["mode"] != "cuda"
-    lines = ["# shims GPU check (issue 15)", ""]
+    lines = ["# shims GPU check", ""]
     if dry:
         lines += ["**CPU dry run**: every stage ran on the CPU with the tiniest sizes to prove the plumbing, the "
                   "timeouts and this file. Nothing here is a GPU measurement.", ""]

@@ -1,4 +1,4 @@
-"""Detectors of the detect catalogue (issue 14): create-graph-unused, zero-grad-filled, conv-bias-batchnorm.
+"""Detectors of the detect catalogue: create-graph-unused, zero-grad-filled, conv-bias-batchnorm.
 
 Each fires on a small loop with the mistake, at its line, with its count, and stays silent on the correct version.
 """

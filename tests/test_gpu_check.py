@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh (issue 15) on the CPU: its stages, timeouts, budget and the one results file it writes.
+"""scripts/gpu_check.sh on the CPU: its stages, timeouts, budget and the one results file it writes.
 
 The GPU numbers themselves need the CUDA machine; here the script's --cpu-dry-run runs the same stages on the CPU
 at the tiniest sizes, with one stage forced past its time limit, and the results file is read back."""
@@ -77,7 +77,7 @@ def test_dry_run_runs_each_stage_records_a_timeout_and_writes_one_results_file(t
 
     with open(tmp_path / "gpu_check.md") as f:
         text = f.read()
-    assert text.startswith("# shims GPU check (issue 15)") and "**CPU dry run**" in text
+    assert text.startswith("# shims GPU check") and "**CPU dry run**" in text
     assert "| detr | timeout |" in text and "| patched vs hand-fixed | True | 0 |" in text
     assert "[gpu_check] results:" in stdout
 

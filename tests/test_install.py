@@ -1,4 +1,4 @@
-"""Installing the shims wheel into an environment with an older torch leaves that torch as it was (issue 11).
+"""Installing the shims wheel into an environment with an older torch leaves that torch as it was.
 
 The subject is an environment whose torch predates everything shims once required (torch < 2.1: no
 register_post_accumulate_grad_hook): $TEST_SHIMS_OLD_TORCH_PYTHON, or this interpreter when its torch is that old
@@ -88,7 +88,7 @@ def test_wheel_declares_no_torch_requirement(wheel):
                     if line.startswith("Requires-Dist:")]
     runtime = [r for r in requires if "extra ==" not in r]
     assert not [r for r in runtime if r.split(";")[0].strip().lower().startswith("torch")], runtime
-    assert any(r.lower().startswith("wrapt") for r in runtime), runtime  # issue 11: wrapt underneath
+    assert any(r.lower().startswith("wrapt") for r in runtime), runtime  # wrapt underneath
 
 @pytest.mark.slow
 def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_package(tmp_path):
