@@ -14,6 +14,7 @@ The JSON layout is documented in docs/detect.md ("The JSON report"); the statuse
 from __future__ import annotations
 
 import threading
+from typing import Dict, List, Optional, TypedDict
 
 SCHEMA = 1
 
@@ -29,6 +30,47 @@ def docs_url(path):
         return path
     return DOCS_URL + path.lstrip("/")
 _RANK = ("error", "applied", "skipped", "fixed-upstream", "reverted", "not-imported", "disabled")
+
+
+class TargetData(TypedDict):
+    """One target's line in the receipt: its status (above) and why."""
+    status: str
+    reason: str
+
+
+class FindingData(TypedDict):
+    """An observation of detect mode: what, where (`file:line`), how often, what it costs, the fix."""
+    kind: str
+    message: str
+    where: Optional[str]
+    count: int
+    cost: Optional[str]
+    fix: Optional[str]
+
+
+class PatchData(TypedDict):
+    """What one patch did in this process (`shims.status()["patches"][name]`)."""
+    status: str
+    reason: str
+    summary: str
+    docs: str  # the URL of its documentation page
+    distribution: Optional[str]
+    version: Optional[str]
+    targets: Dict[str, TargetData]  # "module:qualname" -> its status
+    counters: Dict[str, int]
+    notes: List[str]
+    findings: List[FindingData]
+
+
+class ReceiptData(TypedDict):
+    """`shims.status()`, and the JSON written to SHIMS_REPORT (the same content)."""
+    schema: int
+    pid: int
+    mode: Optional[str]
+    strict: bool
+    python: str
+    torch: Optional[str]
+    patches: Dict[str, PatchData]
 
 
 class PatchRecord:
@@ -89,7 +131,7 @@ class PatchRecord:
         reasons = [f"{name}: {t['reason']}" for name, t in self.targets.items() if t["status"] == status and t["reason"]]
         return "; ".join(reasons)
 
-    def as_dict(self):
+    def as_dict(self) -> PatchData:
         with self._lock:
             return {"status": self.status, "reason": self.reason, "summary": self.summary, "docs": self.docs,
                     "distribution": self.distribution, "version": self.version,
@@ -108,7 +150,7 @@ class Receipt:
             self.records[name] = PatchRecord(name, **fields)
         return self.records[name]
 
-    def as_dict(self):
+    def as_dict(self) -> ReceiptData:
         import os
         import sys
         torch = sys.modules.get("torch")

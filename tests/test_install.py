@@ -6,7 +6,6 @@ register_post_accumulate_grad_hook): $TEST_SHIMS_OLD_TORCH_PYTHON, or this inter
 install there for the wheel; nothing in that environment is changed. The wheel is $TEST_SHIMS_WHEEL (the matrix
 passes the one it installed) or built here from the checkout.
 """
-
 from __future__ import annotations
 
 import glob

@@ -1,6 +1,5 @@
 """Helpers of the core tests: a tiny fake patch on a module written to tmp_path, enabled through a test-only
 registry, so the engine, version and receipt tests need neither torch nor a framework."""
-
 from __future__ import annotations
 
 import functools
@@ -10,9 +9,9 @@ import uuid
 import pytest
 
 import shims
-from tests.conftest import clean_env, run_python, write
 from shims import config, engine, registry
 from shims.patch import Patch, Target
+from tests.conftest import clean_env, run_python, write
 
 TIMEOUT = 120
 REAL_PATCHES = ("doctr", "detr", "ddp", "colossalai")

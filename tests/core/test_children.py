@@ -1,6 +1,5 @@
 """Processes a patched run starts (spawn children, torchrun workers), and reaching a script's functions without a
 tracer."""
-
 from __future__ import annotations
 
 import json
@@ -11,11 +10,9 @@ import sys
 import pytest
 
 import shims
+from shims import engine
 from tests.conftest import SOURCE, clean_env, run_python, write
 from tests.core.conftest import shims_cli, TIMEOUT, REAL_PATCHES
-from shims import engine
-
-# ---------------------------------------------------------------- 8. child processes
 
 SPAWN_SCRIPT = """
 import json, multiprocessing, sys
@@ -128,8 +125,6 @@ def test_disable_gives_the_environment_back_and_enable_reads_the_users_environme
         engine.reset()
 
 
-
-# ---------------------------------------------------------------- reaching a script's functions without a tracer
 
 WATCHED_SCRIPT = """
 {first_line}

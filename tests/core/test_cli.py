@@ -1,5 +1,4 @@
 """The command line: python -m shims run / doctor / list."""
-
 from __future__ import annotations
 
 import json

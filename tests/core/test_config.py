@@ -1,6 +1,5 @@
 """Configuration: the environment (and shims.enable's arguments) -> a frozen, validated Config; bad input is an
 error naming what was wrong and what is valid."""
-
 from __future__ import annotations
 
 import json
@@ -10,9 +9,11 @@ import re
 import pytest
 
 import shims
+from shims import config
+from tests.conftest import REPO as REPO_ROOT
 from tests.conftest import clean_env, run_python
 from tests.core.conftest import TIMEOUT, REAL_PATCHES
-from shims import config
+
 
 def test_defaults_enable_every_patch_in_fix_mode(patches):
     cfg = config.parse({}, patches)
@@ -163,3 +164,11 @@ def test_import_shims_auto_with_a_bad_mode_fails_before_patching_anything():
     assert re.search(r"ShimsConfigError: SHIMS_MODE='bogus'.*fix, detect, off", proc.stderr), proc.stderr
     state = json.loads(proc.stdout.strip().splitlines()[-1])
     assert state == {"patches": {}, "boot": None}  # no receipt entry, nothing exported to child processes
+
+
+def test_readme_table_of_variables_is_the_one_generated_from_config(patches):
+    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+        readme = f.read()
+    table = config.environment_markdown(patches)
+    assert table in readme, "README.md's table of variables differs from shims/config.py's; regenerate it:\n" + table
+    assert readme.count("| variable | values | default | meaning |") == 1

@@ -1,6 +1,5 @@
 """The engine with a fake patch: applied on import or at once, exactly once, reverted by disable, never crashing
 the target's import; and what `import shims.auto` loads."""
-
 from __future__ import annotations
 
 import importlib
@@ -10,11 +9,10 @@ import sys
 import pytest
 
 import shims
+from shims.patch import Skip
 from tests.conftest import run_python, write
 from tests.core.conftest import TIMEOUT, fake_patch, enable, target_status, calls_counted
-from shims.patch import Skip
 
-# ---------------------------------------------------------------- 2. import cost
 
 def test_import_shims_auto_does_not_import_torch():
     proc = run_python(["-c", "import shims.auto, sys; print('torch' in sys.modules, 'shims' in sys.modules)"],
@@ -144,8 +142,6 @@ def test_a_method_target_is_replaced_and_restored(target, tmp_path):
     finally:
         sys.modules.pop(name, None)
 
-
-# ---------------------------------------------------------------- 4. never crash
 
 def raising_replace(original, ctx):
     raise RuntimeError("boom in replace 42")

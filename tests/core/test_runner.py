@@ -1,7 +1,6 @@
 """`python -m shims run COMMAND` / `doctor COMMAND` run a script exactly as `python script.py` runs it: the same
 `__file__`, `sys.argv`, `sys.path[0]` and globals, the same traceback (from the script's own first frame), the same
 exit status, and the same death by signal. Each case is run plainly and through shims, and compared."""
-
 from __future__ import annotations
 
 import json

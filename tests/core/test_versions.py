@@ -1,5 +1,4 @@
 """Version verdicts: the supported range, the release that fixed the bug upstream, per-target distributions."""
-
 from __future__ import annotations
 
 import importlib
@@ -9,11 +8,9 @@ from importlib import metadata
 import pytest
 
 import shims
-from tests.core.conftest import fake_patch, enable, target_status
 from shims import engine
 from shims.patch import Target
-
-# ---------------------------------------------------------------- 5. versions
+from tests.core.conftest import fake_patch, enable, target_status
 
 PYTEST_VERSION = metadata.version("pytest")
 MISSING_DIST = "shims-test-no-such-distribution"
