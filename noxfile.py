@@ -132,7 +132,7 @@ def run_combination(session, name, pins, frameworks):
                 "    try: v[d] = m.version(d)\n"
                 "    except m.PackageNotFoundError: pass\n"
                 "v['python'] = platform.python_version()\n"
-                "json.dump(v, open(sys.argv[1], 'w'), indent=1)", versions, json.dumps(provenance()), "shims",
+                "json.dump(v, open(sys.argv[1], 'w'), indent=1)", versions, json.dumps(provenance()), "torch-shims",
                 *REPORTED, silent=True)
     suite = stage_suite(session)
     session.chdir(suite)

@@ -149,8 +149,9 @@ def _bare_main_module():
 
 
 def _script_code(engine, path):
-    """The script's code object: compiled with the calls that hand its target functions to the engine right after
-    their `def` (shims/mainwatch.py: no tracer) where it defines any; otherwise as Python compiles it."""
+    """(code, globals to add, stop) for a script: compiled with the calls that hand its target functions to the
+    engine right after their `def` (shims/mainwatch.py: no tracer) where it defines any; otherwise as Python
+    compiles it (a SyntaxError is raised as Python reports it)."""
     from shims import mainwatch
     key = os.path.realpath(path)
     if engine is not None and engine.active and engine.main_names() \
@@ -160,10 +161,10 @@ def _script_code(engine, path):
             watch = mainwatch.CompiledWatch(engine, path)
             mainwatch._WATCHED[key] = watch
             engine._watches.append(watch)
-            return code, {mainwatch.HOOK_NAME: watch.defined}
+            return code, {mainwatch.HOOK_NAME: watch.defined}, watch.stop
     with open(path, "rb") as f:
         source = f.read()
-    return compile(source, path, "exec", dont_inherit=True), {}
+    return compile(source, path, "exec", dont_inherit=True), {}, None
 
 
 def _run_file(engine, path, args):
@@ -178,10 +179,14 @@ def _run_file(engine, path, args):
         mainwatch.run_path(engine, absolute, run_name="__main__", fallback=runpy.run_path)
         return
     sys.path[0] = os.path.dirname(os.path.realpath(path))
-    code, extra = _script_code(engine, absolute)
+    code, extra, stop = _script_code(engine, absolute)
     module = _main_module(absolute)
     module.__dict__.update(extra)
-    exec(code, module.__dict__)
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if stop is not None:
+            stop()
 
 
 def _run_module(engine, name, args):

@@ -1,5 +1,6 @@
 """Configuration: the environment (and shims.enable's arguments) -> a frozen, validated Config; bad input is an
 error naming what was wrong and what is valid."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,8 @@ import pytest
 
 import shims
 from shims import config
-from tests.conftest import REPO as REPO_ROOT
-from tests.conftest import clean_env, run_python
-from tests.core.conftest import TIMEOUT, REAL_PATCHES
+from tests.conftest import SOURCE, clean_env, run_python
+from tests.core.conftest import REAL_PATCHES, TIMEOUT
 
 
 def test_defaults_enable_every_patch_in_fix_mode(patches):
@@ -167,7 +167,7 @@ def test_import_shims_auto_with_a_bad_mode_fails_before_patching_anything():
 
 
 def test_readme_table_of_variables_is_the_one_generated_from_config(patches):
-    with open(os.path.join(REPO_ROOT, "README.md")) as f:
+    with open(os.path.join(SOURCE, "README.md")) as f:
         readme = f.read()
     table = config.environment_markdown(patches)
     assert table in readme, "README.md's table of variables differs from shims/config.py's; regenerate it:\n" + table
