@@ -1,8 +1,9 @@
 """shims: patch-in fixes for known, costly mistakes in PyTorch training and evaluation loops.
 
     import shims.auto                 # first line of a training script: patches apply as frameworks are imported
-    python -m shims run script.py     # the same, without editing the script (children included)
-    python -m shims list              # every patch, its target, versions, and whether it would apply here
+    python -m shims run train.py      # the same, without editing the script (children included); also
+                                      # `run python train.py`, `run -m pkg.train`, `run torchrun ...`
+    python -m shims list              # every patch, its targets, versions, and whether it would apply here
 
 Programmatic use: shims.enable(...), shims.disable(), shims.status(). Environment variables: see shims.config.
 """
