@@ -37,13 +37,6 @@ def output_width(stream=None) -> int:
     return NOT_A_TTY_WIDTH
 
 
-def wrap(text, width, indent="", hanging="    "):
-    """One logical line wrapped to `width`, continuation lines indented by `hanging` more than the first."""
-    import textwrap
-    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent + hanging,
-                         break_long_words=False, break_on_hyphens=False) or indent
-
-
 def _plain(text):
     return text.replace("`", "")
 
@@ -52,6 +45,7 @@ def environment_help(width):
     """The environment variables for --help, generated from shims/config.py (the README's table has the same
     source)."""
     from shims import config, registry
+    from shims.listing import wrap
     rows = config.environment_rows(registry.load())
     name_width = min(max(len(row[0]) for row in rows) + 2, 30)
     lines = [wrap("environment variables (read once, at start; a bad name or value is an error naming the valid "
@@ -83,6 +77,7 @@ def _prog():
 def build_parser(width=None) -> argparse.ArgumentParser:
     import functools
     from shims import __version__
+    from shims.listing import wrap
     width = output_width() if width is None else width
     formatter = functools.partial(argparse.RawDescriptionHelpFormatter, width=width, max_help_position=30)
     prog = _prog()

@@ -16,6 +16,13 @@ from shims.receipt import docs_url
 SCHEMA = 1
 
 
+def wrap(text, width, indent="", hanging="    "):
+    """One logical line wrapped to `width`, continuation lines indented by `hanging` more than the first."""
+    import textwrap
+    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent + hanging,
+                         break_long_words=False, break_on_hyphens=False) or indent
+
+
 def _environment():
     """(Config or None, error text or None)."""
     from shims.errors import ShimsConfigError
@@ -92,7 +99,6 @@ def _ranges(fact):
 
 
 def format_text(data, width):
-    from shims.__main__ import wrap
     lines = []
     env = data["environment"]
     if not env["parses"]:

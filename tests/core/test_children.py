@@ -73,14 +73,19 @@ with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f
 
 
 @pytest.mark.slow
-def test_shims_run_torchrun_reaches_every_worker(tmp_path):
-    """`python -m shims run $(which torchrun) ... train.py`: torchrun's workers run train.py as a file, patched."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+@pytest.mark.parametrize("how", ["path", "name"])
+def test_shims_run_torchrun_reaches_every_worker(tmp_path, how):
+    """`python -m shims run torchrun ... train.py` (by name on PATH, or by path): torchrun's workers run train.py as
+    a file, patched."""
+    here = os.path.dirname(sys.executable)
+    torchrun = os.path.join(here, "torchrun")
     if not os.path.exists(torchrun):
         pytest.skip(f"no torchrun next to {sys.executable}")
     script = write(tmp_path / "train.py", TORCHRUN_WORKER)
-    proc = shims_cli("run", torchrun, "--standalone", "--nproc_per_node", "2", script, str(tmp_path),
-                     check=True, SHIMS_PATCHES="doctr", OMP_NUM_THREADS="1")
+    command = torchrun if how == "path" else "torchrun"
+    proc = shims_cli("run", command, "--standalone", "--nproc_per_node", "2", script, str(tmp_path),
+                     check=True, SHIMS_PATCHES="doctr", OMP_NUM_THREADS="1",
+                     PATH=os.pathsep.join([here, os.environ.get("PATH", "")]))
     for rank in (0, 1):
         with open(tmp_path / f"rank{rank}.json") as f:
             result = json.load(f)
