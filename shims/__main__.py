@@ -57,6 +57,15 @@ def environment_help(width):
     return "\n".join(lines)
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse writes an option that takes the rest of the line as `-m ...`: say what it takes."""
+
+    def _format_action_invocation(self, action):
+        if action.nargs == argparse.REMAINDER and action.option_strings:
+            return f"{action.option_strings[0]} {action.metavar} [ARGS ...]"
+        return super()._format_action_invocation(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """Errors named after the subcommand (`shims doctor: ...`), then the usage, exit status 2."""
 
@@ -79,7 +88,7 @@ def build_parser(width=None) -> argparse.ArgumentParser:
     from shims import __version__
     from shims.listing import wrap
     width = output_width() if width is None else width
-    formatter = functools.partial(argparse.RawDescriptionHelpFormatter, width=width, max_help_position=30)
+    formatter = functools.partial(_Formatter, width=width, max_help_position=30)
     prog = _prog()
     parser = _Parser(prog=prog, formatter_class=formatter, allow_abbrev=False,
                      description=wrap("Patch-in fixes for known, costly mistakes in PyTorch training and evaluation "

@@ -100,7 +100,8 @@ def _parse_names(var, text, names, allow_all, shown=None):
 def _parse_choice(var, text, choices, fold=str.lower, shown=None):
     value = fold(text.strip())
     if value not in choices:
-        raise ShimsConfigError(f"{_where(var, text, shown)} is not valid{_suggest(value, choices)}; valid: {', '.join(choices)}")
+        raise ShimsConfigError(f"{_where(var, text, shown)} is not valid{_suggest(value, choices)}; "
+                               f"valid: {', '.join(choices)}")
     return value
 
 

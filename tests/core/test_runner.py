@@ -44,7 +44,7 @@ if len(sys.argv) > 1:
 """
 
 
-def run(args, cwd):
+def python_in(cwd, args):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=clean_env(),
                           timeout=TIMEOUT)
 
@@ -70,8 +70,9 @@ CASES = [[], ["raise"], ["exit", "3"], ["exit", "0"], ["exit-text", "now"], ["in
 @pytest.mark.parametrize("way", list(WAYS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: " ".join(c) or "ends")
 def test_a_script_runs_as_python_runs_it(project, way, case):
-    plain = run(["sub/train.py", "a b", *case] if not case else ["sub/train.py", *case], cwd=project)
-    shimmed = run([*WAYS[way], "sub/train.py", *case] if case else [*WAYS[way], "sub/train.py", "a b"], cwd=project)
+    args = ["sub/train.py", *(case or ["a b"])]
+    plain = python_in(project, args)
+    shimmed = python_in(project, [*WAYS[way], *args])
     assert shimmed.returncode == plain.returncode, (plain.stderr, shimmed.stderr)
     assert shimmed.stdout == plain.stdout
     assert shimmed.stderr == plain.stderr  # the traceback starts at the script's frame: no runpy or shims frames
@@ -88,35 +89,35 @@ def test_a_script_runs_as_python_runs_it(project, way, case):
                                  ["-m", "shims", "run", sys.executable, "-m"]], ids=["-m", "-- -m", "python -m"])
 @pytest.mark.parametrize("case", [["x", "--flag"], ["raise"], ["exit", "4"]], ids=lambda c: c[0])
 def test_a_module_runs_as_python_dash_m_runs_it(project, way, case):
-    plain = run(["-m", "pkg.train", *case], cwd=project)
-    shimmed = run([*way, "pkg.train", *case], cwd=project)
+    plain = python_in(project, ["-m", "pkg.train", *case])
+    shimmed = python_in(project, [*way, "pkg.train", *case])
     assert (shimmed.returncode, shimmed.stdout, shimmed.stderr) == (plain.returncode, plain.stdout, plain.stderr)
 
 
 def test_the_doctor_runs_the_script_as_python_does(project):
-    plain = run(["sub/train.py", "raise"], cwd=project)
-    doctor = run(["-m", "shims", "doctor", "sub/train.py", "raise"], cwd=project)
+    plain = python_in(project, ["sub/train.py", "raise"])
+    doctor = python_in(project, ["-m", "shims", "doctor", "sub/train.py", "raise"])
     assert doctor.returncode == plain.returncode == 1
     assert doctor.stdout == plain.stdout
     assert doctor.stderr.startswith(plain.stderr), doctor.stderr  # then the doctor's table
     assert "shims doctor" in doctor.stderr[len(plain.stderr):]
-    exits = run(["-m", "shims", "doctor", "sub/train.py", "exit", "5"], cwd=project)
+    exits = python_in(project, ["-m", "shims", "doctor", "sub/train.py", "exit", "5"])
     assert exits.returncode == 5
 
 
 @pytest.mark.parametrize("command", ["run", "doctor"])
 def test_a_missing_script_exits_2_as_python_does_naming_the_subcommand(tmp_path, command):
-    plain = run(["nope.py"], cwd=tmp_path)
-    proc = run(["-m", "shims", command, "nope.py"], cwd=tmp_path)
+    plain = python_in(tmp_path, ["nope.py"])
+    proc = python_in(tmp_path, ["-m", "shims", command, "nope.py"])
     assert plain.returncode == proc.returncode == 2
     assert proc.stderr.startswith(f"shims {command}: can't open file ") and "No such file" in proc.stderr
-    module = run(["-m", "shims", command, "-m", "no_such_module_here"], cwd=tmp_path)
-    assert module.returncode == run(["-m", "no_such_module_here"], cwd=tmp_path).returncode == 1
+    module = python_in(tmp_path, ["-m", "shims", command, "-m", "no_such_module_here"])
+    assert module.returncode == python_in(tmp_path, ["-m", "no_such_module_here"]).returncode == 1
     assert module.stderr.startswith(f"shims {command}: No module named no_such_module_here")
 
 
 def test_arguments_after_the_script_are_the_scripts_own(project):
-    proc = run(["-m", "shims", "run", "sub/train.py", "--help", "-m", "x"], cwd=project)
+    proc = python_in(project, ["-m", "shims", "run", "sub/train.py", "--help", "-m", "x"])
     assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[0])["argv"] == ["sub/train.py", "--help",
                                                                                         "-m", "x"]
 
@@ -124,14 +125,14 @@ def test_arguments_after_the_script_are_the_scripts_own(project):
 def test_a_program_is_started_with_shims_reaching_its_python_processes(tmp_path):
     """Any executable: its exit status is kept, and the Python processes it starts run with shims (as they do under
     `accelerate launch` or `torchrun`)."""
-    proc = run(["-m", "shims", "run", "sh", "-c", "exit 7"], cwd=tmp_path)
+    proc = python_in(tmp_path, ["-m", "shims", "run", "sh", "-c", "exit 7"])
     assert proc.returncode == 7
     launcher = write(tmp_path / "launch.sh", f"#!/bin/sh\nexec {sys.executable} -c \"$@\"\n")
     os.chmod(launcher, 0o755)
     shown = "import shims, os; print(shims.status()['mode'], os.environ.get('SHIMS__BOOT'))"
-    started = run(["-m", "shims", "run", launcher, shown], cwd=tmp_path)
+    started = python_in(tmp_path, ["-m", "shims", "run", launcher, shown])
     assert started.returncode == 0, started.stderr
     assert started.stdout.split() == ["fix", "1"]
-    detect = run(["-m", "shims", "doctor", launcher, shown], cwd=tmp_path)
+    detect = python_in(tmp_path, ["-m", "shims", "doctor", launcher, shown])
     assert detect.stdout.split()[:2] == ["detect", "1"], detect.stderr
-    assert run(["-m", "shims", "run", "no-such-command-here"], cwd=tmp_path).returncode == 127
+    assert python_in(tmp_path, ["-m", "shims", "run", "no-such-command-here"]).returncode == 127
