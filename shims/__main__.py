@@ -32,7 +32,7 @@ environment (read once, at start; a bad name or value is an error that names the
 
 def _list(out=sys.stdout):
     from shims import config, registry, versions
-    patches = registry.load()
+    patches = registry.load(import_plugins=True)
     try:
         cfg = config.from_environment(patches)
         why_off = cfg.why_off
@@ -42,7 +42,7 @@ def _list(out=sys.stdout):
     for patch in patches:
         options = cfg.options[patch.name] if cfg else {o.name: o.default for o in patch.options}
         targets = patch.resolve_targets(options)
-        out.write(f"{patch.name}: {patch.summary}\n")
+        out.write(f"{patch.name}: {patch.summary}\n  from:       {registry.origin(patch)}\n")
         out.write(f"  targets:    {', '.join(str(t) for t in targets)}\n")
         torch_here = versions.installed("torch")
         verdicts = []

@@ -146,9 +146,11 @@ def parse(environ, registry):
         for option in patch.options:
             option_vars[f"SHIMS_{patch.name.upper()}_{option.name}"] = (patch.name, option)
 
+    # a plug-in's options are known once it loads: its SHIMS_<NAME>_* variables are checked then (the receipt says)
+    pending = tuple(f"SHIMS_{p.name.upper()}_" for p in registry if getattr(p, "loaded", True) is False)
     for var in environ:
         if var.startswith("SHIMS_") and not var.startswith("SHIMS__") and var not in GLOBAL_VARS \
-                and var not in option_vars:
+                and var not in option_vars and not var.startswith(pending):
             known = list(GLOBAL_VARS) + sorted(option_vars)
             raise ShimsConfigError(f"unknown variable {var}={environ[var]!r}{_suggest(var, known)}; "
                                    f"valid variables: {', '.join(known)}")
@@ -173,16 +175,19 @@ def parse(environ, registry):
             why_off[name] = "listed in SHIMS_DISABLE"
     enabled = tuple(n for n in names if n not in why_off)
 
-    options = {}
-    for patch in registry:
-        values = {}
-        for option in patch.options:
-            var = f"SHIMS_{patch.name.upper()}_{option.name}"
-            values[option.name] = _parse_option(var, option, environ[var]) if var in environ else option.default
-        options[patch.name] = values
+    options = {patch.name: patch_options(patch, environ) for patch in registry}
     return Config(patches=enabled, why_off=why_off, mode=mode, strict=strict, report=report, log=log,
                   options=options, source=dict((k, v) for k, v in environ.items() if k.startswith("SHIMS_")),
                   profile_steps=profile_steps)
+
+
+def patch_options(patch, environ):
+    """One patch's option values from SHIMS_<PATCH>_<OPTION> variables (defaults where unset); ShimsConfigError."""
+    values = {}
+    for option in patch.options:
+        var = f"SHIMS_{patch.name.upper()}_{option.name}"
+        values[option.name] = _parse_option(var, option, environ[var]) if var in environ else option.default
+    return values
 
 
 def from_environment(registry, overrides=None):

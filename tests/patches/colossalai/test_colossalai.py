@@ -1,8 +1,8 @@
 """colossalai patch: gradient-reduction hooks fire once per accumulated gradient, never for torch.autograd.grad.
 
 ColossalAI itself cannot run here (LowLevelZero needs CUDA/NPU, colossalai 0.5.0 pins torch <= 2.5.1), so the
-references in tests/colossalai_reference are written here with upstream's structure and method names, and loaded
-under ColossalAI's module names so that the patch's real targets find them. (tests/test_colossalai_real.py runs the
+references in tests/patches/colossalai/reference are written here with upstream's structure and method names, and loaded
+under ColossalAI's module names so that the patch's real targets find them. (tests/patches/colossalai/test_colossalai_real.py runs the
 real 0.3.6 / 0.3.7 LowLevelZeroOptimizer on CPU when its sdist can be fetched.)
 
 Distributed tests: 2 gloo ranks on 127.0.0.1, one run over all scenarios (about 40 s on 2 cores), each bounded by a
@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import shims
-from conftest import clean_env, write
+from tests.conftest import clean_env, write
 from shims import versions
 from shims.errors import ShimsPatchError
-from tests import colossalai_reference as ref
-from tests.colossalai_reference import vqgan
+from tests.patches.colossalai import reference as ref
+from tests.patches.colossalai.reference import vqgan
 
 LOW_LEVEL = "colossalai.zero.low_level.low_level_optim"
 GEMINI = "colossalai.zero.gemini.gemini_ddp"
@@ -233,7 +233,7 @@ def test_zero_grad_empties_what_a_plain_backward_queued(upstream):
 
 
 def test_registration_failure_falls_back_to_upstream_hooks_and_says_so(upstream, monkeypatch):
-    from shims import gradhooks
+    from shims.patches.colossalai import gradhooks
 
     def refuse(param, hook):
         raise RuntimeError("no hooks today")
@@ -306,7 +306,7 @@ def test_gemini_hooks_removed_upstream_style_leave_no_deferred_work(upstream):
 
 
 def test_gemini_deferral_failure_falls_back_to_upstream_hook_and_says_so(upstream, monkeypatch):
-    from shims import gradhooks
+    from shims.patches.colossalai import gradhooks
 
     def refuse(param, work):
         raise RuntimeError("cannot defer")
@@ -447,7 +447,7 @@ def distributed(tmp_path_factory):
                       steps=STEPS, bucket=40) for name, (w, s, z, a, m, t) in SCENARIOS.items()]
     path = out / "scenarios.json"
     path.write_text(json.dumps(scenarios))
-    results = ref.run_ranks(["tests.colossalai_reference.worker", str(path), str(out)], clean_env(), timeout=240)
+    results = ref.run_ranks(["tests.patches.colossalai.reference.worker", str(path), str(out)], clean_env(), timeout=240)
     for rank, (code, stdout, stderr) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}\n{stdout[-2000:]}\n{stderr[-4000:]}"
     return {name: [torch.load(out / f"{name}.rank{rank}.pt", weights_only=False) for rank in range(2)]

@@ -1,7 +1,7 @@
 """detr patch: a fp16_eval evaluation leaves the model as it was and matches a float32 evaluation.
 
 Two subjects, the same assertions:
-- an LW-DETR-style `evaluate` written here (tests/detr_reference.py: no_grad decorated, the fp16_eval `.half()`
+- an LW-DETR-style `evaluate` written here (tests/patches/detr/reference.py: no_grad decorated, the fp16_eval `.half()`
   block, no autocast) on a timm mobilevit_xxs detector (BatchNorm and LayerNorm);
 - the real `rfdetr.engine.evaluate` of rfdetr 1.5.2 on RF-DETR Nano (pretrain_weights=None) with a COCO dataset
   written by the test.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 import re
 import sys
 
@@ -24,10 +25,10 @@ import pytest
 import torch
 
 import shims
-from conftest import clean_env, run_python, write
+from tests.conftest import clean_env, run_python, write
 from shims.errors import ShimsConfigError, ShimsPatchError
 
-REFERENCE = "tests.detr_reference"
+REFERENCE = "tests.patches.detr.reference"
 FLOAT16_TOLERANCE = 2e-2  # max |autocast float16 - float32| on logits and boxes of these random-init models
 ref = importlib.import_module(REFERENCE)
 
@@ -293,7 +294,7 @@ def test_reference_patched_keeps_model_and_matches_float32(reference_setup):
     record = detr_record()
     assert record["counters"]["evaluations_converted"] == 2
     assert record["counters"]["model_half_prevented"] == 2
-    assert any("model.half()" in note and "detr_reference.py:" in note for note in record["notes"])
+    assert any("model.half()" in note and os.path.join("detr", "reference.py:") in note for note in record["notes"])
 
 
 def test_reference_training_continues_as_if_never_evaluated(reference_setup):
@@ -348,7 +349,7 @@ def test_reference_detect_mode_reports_call_site_and_changes_nothing(reference_s
     (finding,) = detr_record()["findings"]
     assert finding["kind"] == "fp16-eval-half"
     assert finding["where"] == f"{__file__}:{call_line}"
-    assert "detr_reference.py:" in finding["message"] and "model.half()" in finding["message"]
+    assert os.path.join("detr", "reference.py:") in finding["message"] and "model.half()" in finding["message"]
 
 
 def test_unconvertible_args_run_unpatched_or_raise_in_strict(reference_setup):

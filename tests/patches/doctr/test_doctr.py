@@ -1,6 +1,6 @@
 """doctr patch: the patched buggy loop is the upstream-fixed loop, bitwise, with one forward per step.
 
-Reference loops (tests/doctr_loops) follow the structure of doctr's recognition scripts before and after PR #1862.
+Reference loops (tests/patches/doctr/loops) follow the structure of doctr's recognition scripts before and after PR #1862.
 Models: timm (BatchNorm + dropout, so a second forward changes running statistics and RNG draws) and a real doctr
 recognition model (vitstr_small, pretrained=False). All on CPU; amp uses the CPU autocast path (bfloat16).
 """
@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 import shims
-from conftest import REPO, clean_env, run_python, write
+from tests.conftest import REPO, clean_env, run_python, write
 
-LOOPS = "tests.doctr_loops"
+LOOPS = "tests.patches.doctr.loops"
+HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(REPO, "examples")
 
 
@@ -330,8 +331,7 @@ def test_way3_ddp_spawn_children_import_the_script_as_mp_main(tmp_path, how):
 
 def test_way4_importable_module_named_by_SHIMS_DOCTR_MODULES(tmp_path):
     write(tmp_path / "mytrainer" / "__init__.py", "")
-    write(tmp_path / "mytrainer" / "loops.py", open(os.path.join(REPO, "tests", "doctr_loops", "buggy_single.py"))
-          .read())
+    write(tmp_path / "mytrainer" / "loops.py", open(os.path.join(HERE, "loops", "buggy_single.py")).read())
     runner = write(tmp_path / "run.py", '''
         import shims.auto
         import json, sys, torch
@@ -343,6 +343,6 @@ def test_way4_importable_module_named_by_SHIMS_DOCTR_MODULES(tmp_path):
         print(json.dumps({"forwards": forwards, "steps": steps, "rewritten": hasattr(fit_one_epoch, "__wrapped__")}))
     ''')
     env = clean_env(SHIMS_DOCTR_MODULES="mytrainer.loops", PYTHONPATH=os.pathsep.join([REPO, str(tmp_path)]))
-    proc = run_python([runner, os.path.join(REPO, "tests")], env=env, cwd=str(tmp_path))
+    proc = run_python([runner, HERE], env=env, cwd=str(tmp_path))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"forwards": result["steps"], "steps": 3, "rewritten": True}
