@@ -3,8 +3,8 @@
     python benchmarks/colossalai_hooks.py [--rounds 15] [--steps 5]
 
 One process, CPU, torch.set_num_threads(1), world size 1 (no communication: what is left is the hooks' own cost).
-The reducers are the ColossalAI-shaped references of tests/patches/colossalai/reference (LowLevelZero 0.3.6-style bucketed
-ZeRO-2 and a Gemini-style wrapper), one copy patched by shims, one copy not. Variants run side by side, alternating
+The reducers are the ColossalAI-shaped references of tests/patches/colossalai/reference
+(LowLevelZero 0.3.6-style bucketed ZeRO-2 and a Gemini-style wrapper), one copy patched by shims, one copy not. Variants run side by side, alternating
 within each round; each sample is the mean of --steps steps; the script prints medians and ratios to the unpatched
 variant on the same loss. The VQGAN loss is not timed unpatched: it crashes there (that is the bug).
 Also a raw backward with no hook / a tensor hook / a post-accumulate-grad hook / the shims deferral, per parameter.

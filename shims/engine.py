@@ -144,7 +144,8 @@ class Engine:
         try:
             from shims import config as config_module
             patch = plugin.load()
-            prefix, known = f"SHIMS_{patch.name.upper()}_", {f"SHIMS_{patch.name.upper()}_{o.name}" for o in patch.options}
+            prefix = f"SHIMS_{patch.name.upper()}_"
+            known = {prefix + option.name for option in patch.options}
             unknown = sorted(v for v in self.config.source if v.startswith(prefix) and v not in known)
             if unknown:
                 raise ShimsConfigError(f"unknown variable {unknown[0]}={self.config.source[unknown[0]]!r}; valid for "

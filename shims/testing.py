@@ -114,11 +114,10 @@ def _differences(expected, actual, tolerance, path, out):
             out.append(found)
         return
     if isinstance(expected, dict) and isinstance(actual, dict):
-        if list(expected) != list(actual):
-            missing = [k for k in expected if k not in actual]
-            extra = [k for k in actual if k not in expected]
-            out.append(f"{path}: keys differ (missing {missing}, unexpected {extra})" if missing or extra
-                       else f"{path}: the same keys in another order")
+        missing = [k for k in expected if k not in actual]
+        extra = [k for k in actual if k not in expected]
+        if missing or extra:
+            out.append(f"{path}: keys differ (missing {missing}, unexpected {extra})")
             return
         for key in expected:
             _differences(expected[key], actual[key], tolerance, f"{path}[{key!r}]", out)

@@ -14,7 +14,7 @@ Bug      A tensor hook also fires for `torch.autograd.grad(loss, param)`, which 
 Fix      LowLevelZero, as PR #5596 did: a post-accumulate-grad hook instead (it fires once per backward, after
          `.grad` is updated, and never for autograd.grad), and `zero_grad()` empties the bucket store.
          Gemini (no upstream fix): its tensor hook lets the gradient pass through untouched and defers the reduction
-         to the post-accumulate-grad hook of the same backward (`shims.patches.colossalai.gradhooks.defer_until_accumulated`), so
+         to the post-accumulate-grad hook of the same backward (`gradhooks.defer_until_accumulated`), so
          autograd.grad callers get the real gradient and reduction happens in backward only.
 The work: one replacement per target (`TARGETS` at the end pairs each with its fingerprint and observer):
 `attach_post_accumulate_hooks`, `zero_grad_emptying_bucket`, `defer_gemini_reduction`.
@@ -165,7 +165,7 @@ def defer_gemini_reduction(original, ctx):
     """GeminiDDP's tensor hook, made a pass-through that hands the reduction to the post-accumulate-grad hook.
 
     The tensor hook cannot tell backward from torch.autograd.grad; the post-accumulate-grad hook fires in backward
-    only, right after the same AccumulateGrad node, in the same graph task (see shims.patches.colossalai.gradhooks). So the tensor hook
+    only, right after the same AccumulateGrad node, in the same graph task (see gradhooks.py). So the tensor hook
     arms the reduction, and `reduce_accumulated` runs Gemini's own handler on the accumulated `param.grad`.
     """
     import inspect

@@ -3,11 +3,11 @@
 Target   doctr's recognition training scripts, `references/recognition/train_pytorch.py` and `train_pytorch_ddp.py`,
          from PR #604 (2021-11, commit 250a3cb064) to b73d998765 (2025-01-28): python-doctr <= 0.11.0 and forks.
 Bug      `train_loss = model(images, targets)["loss"]` runs before `optimizer.zero_grad()` and its result is overwritten
-         by the real forward in the amp / else branch: one wasted forward per step (measured cost: docs/patches/doctr.md),
+         by the real forward in the amp / else branch: one wasted forward per step (its cost: docs/patches/doctr.md),
          dropout RNG drawn twice and BatchNorm statistics updated twice per step (doctr issue #1861).
 Upstream fix: PR #1862, commit 183cf65a52 (first release v0.12.0), which deletes that one statement.
-The patch deletes the same statement, found by a rule (shims.patches.doctr.deadstore), not by line number: a function that does
-not match exactly is left untouched and the receipt says why. Docs: docs/patches/doctr.md.
+The patch deletes the same statement, found by a rule (deadstore.py, beside this file), not by line number: a
+function that does not match exactly is left untouched and the receipt says why. Docs: docs/patches/doctr.md.
 
 The scripts are not in the python-doctr wheel, so the targets are user code: the script being run (`__main__`, or
 `__mp_main__` in DDP spawn children) and the modules named by SHIMS_DOCTR_MODULES.

@@ -1,6 +1,6 @@
 """One gloo rank: run each scenario (reference reducer x shims mode x loss), save what happened.
 
-    python -m tests.patches.colossalai.reference.worker SCENARIOS.json OUT_DIR      (MASTER_ADDR/PORT, RANK, WORLD_SIZE set)
+    python -m tests.patches.colossalai.reference.worker SCENARIOS.json OUT_DIR  (MASTER_ADDR/PORT, RANK, WORLD_SIZE)
 
 A scenario: {"name", "wrapper": "low_level"|"gemini", "shims": "off"|"fix"|"detect", "zero": "stage2"|"overlap",
 "adaptive": bool, "micro_batches": int, "two_backwards": bool, "steps": int, "bucket": int}.
