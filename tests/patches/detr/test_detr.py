@@ -415,6 +415,16 @@ def rfdetr_unpatched(rfdetr_setup):
     return model, optimizer, recorder, failed
 
 
+@pytest.fixture(scope="module")
+def rfdetr_next_step(rfdetr_setup):
+    """The loss and parameters of the next training step of a run that never evaluated."""
+    untouched, untouched_opt = fresh_rfdetr(rfdetr_setup)
+    samples, targets = rfdetr_setup["batch"]
+    loss = ref.train_step(untouched, rfdetr_setup["criterion"], untouched_opt, samples, targets, seed=5,
+                          pass_targets=True)
+    return loss, {name: p.detach() for name, p in untouched.named_parameters()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
 def test_rfdetr_training_continues_as_if_never_evaluated(rfdetr_setup, rfdetr_next_step, grad_mode):

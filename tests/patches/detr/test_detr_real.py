@@ -134,13 +134,3 @@ def test_rfdetr_patched_keeps_model_and_matches_float32(rfdetr_setup):
     assert any("samples.tensors = samples.tensors.half()" in note for note in record["notes"])
     shims.disable()
     assert rfdetr.engine.evaluate is rfdetr_setup["original"] and rfdetr.main.evaluate is rfdetr_setup["original"]
-
-
-@pytest.fixture(scope="module")
-def rfdetr_next_step(rfdetr_setup):
-    """The loss and parameters of the next training step of a run that never evaluated."""
-    untouched, untouched_opt = fresh_rfdetr(rfdetr_setup)
-    samples, targets = rfdetr_setup["batch"]
-    loss = ref.train_step(untouched, rfdetr_setup["criterion"], untouched_opt, samples, targets, seed=5,
-                          pass_targets=True)
-    return loss, {name: p.detach() for name, p in untouched.named_parameters()}
