@@ -3,8 +3,8 @@
     python benchmarks/colossalai_hooks.py [--rounds 15] [--steps 5]
 
 One process, CPU, torch.set_num_threads(1), world size 1 (no communication: what is left is the hooks' own cost).
-The reducers are the ColossalAI-shaped references of tests/colossalai_reference (LowLevelZero 0.3.6-style bucketed
-ZeRO-2 and a Gemini-style wrapper), one copy patched by shims, one copy not. Variants run side by side, alternating
+The reducers are the ColossalAI-shaped references of tests/patches/colossalai/reference
+(LowLevelZero 0.3.6-style bucketed ZeRO-2 and a Gemini-style wrapper), one copy patched by shims, one copy not. Variants run side by side, alternating
 within each round; each sample is the mean of --steps steps; the script prints medians and ratios to the unpatched
 variant on the same loss. The VQGAN loss is not timed unpatched: it crashes there (that is the bug).
 Also a raw backward with no hook / a tensor hook / a post-accumulate-grad hook / the shims deferral, per parameter.
@@ -26,9 +26,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import shims  # noqa: E402
-from shims import gradhooks  # noqa: E402
-from tests import colossalai_reference as ref  # noqa: E402
-from tests.colossalai_reference import vqgan  # noqa: E402
+from shims.patches.colossalai import gradhooks  # noqa: E402
+from tests.patches.colossalai import reference as ref  # noqa: E402
+from tests.patches.colossalai.reference import vqgan  # noqa: E402
 
 WIDTH, DEPTH, FEATURES, BATCH = 256, 6, 64, 64
 

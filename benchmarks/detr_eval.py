@@ -105,7 +105,7 @@ def main():
     logging.getLogger("rf-detr").setLevel(logging.WARNING)  # its per-evaluation INFO summary would bury the table
 
     import shims
-    from tests import detr_reference as ref
+    from tests.patches.detr import reference as ref
     root = ref.write_coco_dataset(tempfile.mkdtemp(prefix="detr_bench_"), num_images=opts.images,
                                   size=opts.resolution)
     template, criterion, post, loader, base_ds, args = ref.build_rfdetr_nano(root, resolution=opts.resolution)

@@ -2,17 +2,17 @@
 
     python benchmarks/hook_semantics.py
 
-Prints a Markdown table (the one in docs/patches/colossalai.md and shims/gradhooks.py). Every row is a fresh leaf
-`w = [1., 2., 3.]` with three observers: a tensor hook (`w.register_hook`, what ColossalAI <= 0.3.6 LowLevelZero and
+Prints a Markdown table (the one in docs/patches/colossalai.md and patches/colossalai/gradhooks.py). Every row is a
+fresh leaf `w = [1., 2., 3.]` with three observers: a tensor hook (`w.register_hook`, what ColossalAI <= 0.3.6 LowLevelZero and
 GeminiDDP use), a post-accumulate-grad hook (`w.register_post_accumulate_grad_hook`, PR #5596) and the shims deferral
-(a tensor hook calling `shims.gradhooks.defer_until_accumulated`). "sees" is the gradient each hook was handed.
+(a tensor hook calling `gradhooks.defer_until_accumulated`). "sees" is the gradient each hook was handed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from shims import gradhooks
+from shims.patches.colossalai import gradhooks
 
 
 def fmt(t):

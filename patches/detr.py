@@ -278,21 +278,20 @@ def replace_evaluate(original, ctx):
     shape = read_fp16_eval_shape(original)
     if ctx.target.module.startswith("rfdetr"):
         from shims import versions
-        ctx.record.version = versions.installed("rfdetr")
+        ctx.version(versions.installed("rfdetr"))
     signature = inspect.signature(original)
-    record = ctx.record
     dtype_choice, grad_mode, strict = ctx.options["DTYPE"], ctx.options["GRAD_MODE"], ctx.strict
     for lineno, method, _, text in shape.conversions:
         if method == "half":
             ctx.note(f"{shape.where(lineno)}: `{text}` does not run when fp16_eval is set")
 
     def count_forward():
-        record.count("forwards_autocast")
+        ctx.count("forwards_autocast")
 
     def give_up(reason):
         """The evaluation runs as written (the bug stays); the receipt says why. Strict mode raises instead."""
-        record.count("evaluations_unconverted")
-        record.note(f"{ctx.target}: an evaluation ran unpatched: {reason}")
+        ctx.count("evaluations_unconverted")
+        ctx.note(f"an evaluation ran unpatched: {reason}")
         ctx.logger().warning("detr: %s ran unpatched (fp16_eval will convert the model to half): %s",
                              ctx.target, reason)
         if strict:
@@ -308,7 +307,7 @@ def replace_evaluate(original, ctx):
             return original(*args, **kwargs)  # let the original report the bad call in its own words
         holder = bound.arguments.get(shape.flag_param)
         if holder is None or not getattr(holder, FLAG, False):
-            record.count("evaluations_passed_through")
+            ctx.count("evaluations_passed_through")
             return original(*args, **kwargs)
         try:
             import torch
@@ -324,8 +323,8 @@ def replace_evaluate(original, ctx):
         except Exception as exc:  # noqa: BLE001 - never crash the user's evaluation
             give_up(f"{type(exc).__name__}: {exc}")
             return original(*args, **kwargs)
-        record.count("evaluations_converted")
-        record.count("model_half_prevented", len(models))
+        ctx.count("evaluations_converted")
+        ctx.count("model_half_prevented", len(models))
         try:
             with grad_off:
                 if forward is None:
@@ -335,7 +334,7 @@ def replace_evaluate(original, ctx):
         finally:
             changed = _changed(before)
             if changed:
-                record.note(f"{ctx.target}: the evaluation changed {len(changed)} model tensor(s) anyway, e.g. "
+                ctx.note(f"the evaluation changed {len(changed)} model tensor(s) anyway, e.g. "
                             f"{changed[0]} (not a conversion this patch knows)")
 
     return wrap(original, evaluate_without_half)
@@ -349,7 +348,6 @@ def detect_half_conversion(original, ctx):
 
     shape = read_fp16_eval_shape(original)
     signature = inspect.signature(original)
-    record = ctx.record
     half_lines = ", ".join(f"{shape.where(n)} `{t}`" for n, m, _, t in shape.conversions if m == "half")
 
     def evaluate_observed(wrapped, instance, args, kwargs):
@@ -366,9 +364,9 @@ def detect_half_conversion(original, ctx):
             flagged = holder is not None and bool(getattr(holder, FLAG, False))
         except Exception:  # noqa: BLE001 - observing must never change the call
             flagged = False
-        record.count("evaluations_observed")
+        ctx.count("evaluations_observed")
         if flagged:  # reported before the call: an evaluation that fails in float16 is reported all the same
-            record.count("fp16_evaluations_observed")
+            ctx.count("fp16_evaluations_observed")
             ctx.finding(
                 "fp16-eval-half",
                 f"{original.__qualname__} is called with fp16_eval=True: its fp16_eval block ({half_lines}) converts "

@@ -71,11 +71,11 @@ stage() {
 if [ $MODE = cuda ]; then
   DOCTR=(--device cuda --amp --arch vitstr_small --batch-size 64 --rounds 12 --steps 4 --check-steps 3)
   DETR=(--device cuda --resolution 384 --images 4 --batch 2 --rounds 5)
-  CUDA_PATH_TESTS=(tests/test_doctr.py -k bitwise)  # the reference loops send images to CUDA when it is present
+  CUDA_PATH_TESTS=(tests/patches/doctr/test_doctr.py -k bitwise)  # the reference loops send images to CUDA when it is present
 else  # tiniest sizes: the plumbing, not a measurement
   DOCTR=(--device cpu --amp --arch tiny --batch-size 2 --rounds 1 --steps 1 --check-steps 2)
   DETR=(--device cpu --resolution 64 --images 2 --batch 2 --rounds 1)
-  CUDA_PATH_TESTS=(tests/test_doctr.py -k "bitwise and timm and fp32 and single")
+  CUDA_PATH_TESTS=(tests/patches/doctr/test_doctr.py -k "bitwise and timm and fp32 and single")
 fi
 PYTEST=("$PYTHON" -m pytest -q --timeout 120)
 

@@ -12,7 +12,7 @@ WHEELS=(
   python-doctr==0.11.0 rfdetr==1.5.2                                   # the frameworks
   transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2      # rfdetr's backbone, pinned below the image's
   peft==0.21.2 supervision==0.31.2 pydeprecate==0.13.0 roboflow==1.7.3 # imported by rfdetr
-  pycocotools==2.0.11                                                  # evaluation (rfdetr, tests/detr_reference.py)
+  pycocotools==2.0.11                                                  # evaluation (rfdetr, tests/patches/detr/reference.py)
   albumentations==1.4.24 albucore==0.0.23 simsimd==6.5.16 stringzilla==5.3.2   # rfdetr's dataset transforms
   pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5   # for albumentations
   typing_extensions==4.16.0                                            # pydantic 2.14 needs a recent one

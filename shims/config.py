@@ -176,9 +176,11 @@ def parse(environ, registry, shown=None):
         for option in patch.options:
             option_vars[f"SHIMS_{patch.name.upper()}_{option.name}"] = (patch.name, option)
 
+    # a plug-in's options are known once it loads: its SHIMS_<NAME>_* variables are checked then (the receipt says)
+    pending = tuple(f"SHIMS_{p.name.upper()}_" for p in registry if getattr(p, "loaded", True) is False)
     for var in environ:
         if var.startswith("SHIMS_") and not var.startswith("SHIMS__") and var not in GLOBAL_VARS \
-                and var not in option_vars:
+                and var not in option_vars and not var.startswith(pending):
             known = list(GLOBAL_VARS) + sorted(option_vars)
             what = (f"{shown[var]}: unknown option {var}" if var in (shown or {})
                     else f"unknown variable {var}={environ[var]!r}")
@@ -205,14 +207,7 @@ def parse(environ, registry, shown=None):
             why_off[name] = "listed in SHIMS_DISABLE"
     enabled = tuple(n for n in names if n not in why_off)
 
-    options = {}
-    for patch in registry:
-        values = {}
-        for option in patch.options:
-            var = f"SHIMS_{patch.name.upper()}_{option.name}"
-            values[option.name] = (_parse_option(var, option, environ[var], shown) if var in environ
-                                   else option.default)
-        options[patch.name] = values
+    options = {patch.name: patch_options(patch, environ, shown) for patch in registry}
     return Config(patches=enabled, why_off=why_off, mode=mode, strict=strict, report=report, log=log,
                   options=options, source=dict((k, v) for k, v in environ.items() if k.startswith("SHIMS_")),
                   profile_steps=profile_steps)
@@ -261,6 +256,15 @@ def environment_markdown(registry):
     for name, values, default, meaning in environment_rows(registry):
         lines.append(f"| `{name}` | {values} | {default} | {meaning} |")
     return "\n".join(lines) + "\n"
+
+
+def patch_options(patch, environ, shown=None):
+    """One patch's option values from SHIMS_<PATCH>_<OPTION> variables (defaults where unset); ShimsConfigError."""
+    values = {}
+    for option in patch.options:
+        var = f"SHIMS_{patch.name.upper()}_{option.name}"
+        values[option.name] = _parse_option(var, option, environ[var], shown) if var in environ else option.default
+    return values
 
 
 def from_environment(registry, overrides=None, shown=None):

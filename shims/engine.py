@@ -12,8 +12,9 @@ import sys
 import threading
 
 from shims import hooks
-from shims.errors import ShimsPatchError
+from shims.errors import ShimsConfigError, ShimsPatchError
 from shims.patch import MAIN, Context, Skip
+from shims import receipt
 from shims.receipt import Receipt
 
 MAIN_MODULES = ("__main__", "__mp_main__")  # a script run directly, and the same script in a spawn child
@@ -64,12 +65,14 @@ class Engine:
         self._lock = threading.RLock()
         self._exit_registered = False
         self._watches = []
+        self._options = {}  # patch name -> option values (a plug-in's are read when it loads)
+        self._plugins_by_trigger = {}  # module name -> [registry.Plugin] imported when that module is
 
     # ---------------------------------------------------------------- enable / disable
 
     def enable(self, config, registry):
         with self._lock:
-            if self.active and config == self.config:
+            if self.active and _same_configuration(config, self.config):
                 return self
             if self.active:
                 self.disable()
@@ -78,24 +81,27 @@ class Engine:
             self.config, self.registry, self.active = config, registry, True
             self.receipt.mode, self.receipt.strict = config.mode, config.strict
             self._targets, self._main_targets = {}, []
+            self._options, self._plugins_by_trigger = dict(config.options), {}
             for name, problem in registry_module.broken().items():
                 rec = self.receipt.record(name)
-                rec.target(f"shims.patches.{name}", "error", f"patch module failed to import: {problem}")
+                where = registry_module.broken_where(name)
+                rec.target(where, receipt.ERROR, problem if problem.startswith("refused:")
+                           else f"patch module failed to import: {problem}")
                 if config.strict:
-                    raise ShimsPatchError(f"shims patch {name!r} failed to import: {problem}")
+                    raise ShimsPatchError(f"shims patch {name!r} ({where}) cannot be used: {problem}")
             for patch in registry:
+                if isinstance(patch, registry_module.Plugin) and not patch.loaded:
+                    rec = self.receipt.record(patch.name, origin=patch.origin)
+                    rec.disabled_reason = config.why_off.get(patch.name)
+                    if rec.disabled_reason is None:
+                        self._expect_plugin(patch)
+                    continue
                 rec = self.receipt.record(patch.name, summary=patch.summary, docs=patch.docs,
-                                          distribution=patch.distribution)
+                                          distribution=patch.distribution, origin=registry_module.origin(patch))
                 rec.disabled_reason = config.why_off.get(patch.name)
                 if rec.disabled_reason is not None:
                     continue
-                for target in patch.resolve_targets(config.options[patch.name]):
-                    if str(target) not in rec.targets:
-                        rec.target(target, "not-imported")
-                    if target.module == MAIN:
-                        self._main_targets.append((patch, target))
-                    else:
-                        self._targets.setdefault(target.module, []).append((patch, target))
+                self._expect_targets(patch, rec)
             if not self._exit_registered:
                 import atexit
                 atexit.register(self._at_exit)
@@ -108,6 +114,56 @@ class Engine:
                 from shims import config as config_module
                 config_module.export_for_children(config, BOOTSTRAP_DIR)
             return self
+
+    def _expect_targets(self, patch, rec):
+        """Note the targets of an enabled patch, to be applied when their module (or the script's function) appears."""
+        options = self._options.get(patch.name)
+        if options is None:  # a plug-in loaded after the configuration was read
+            options = self._options[patch.name] = {o.name: o.default for o in patch.options}
+        for target in patch.resolve_targets(options):
+            if str(target) not in rec.targets:
+                rec.target(target, receipt.NOT_IMPORTED)
+            if target.module == MAIN:
+                self._main_targets.append((patch, target))
+            else:
+                self._targets.setdefault(target.module, []).append((patch, target))
+        return options
+
+    def _expect_plugin(self, plugin):
+        """A plug-in is imported when its trigger module is (at once when it names none, or it is imported)."""
+        if plugin.trigger:
+            self._plugins_by_trigger.setdefault(plugin.trigger, []).append(plugin)
+            self._targets.setdefault(plugin.trigger, [])
+        else:
+            self._load_plugin(plugin)
+
+    def _load_plugin(self, plugin):
+        """Import a plug-in, read its options, and expect its targets as a built-in's. A plug-in that fails to load
+        is an error in the receipt, never the user's import's failure (strict mode: ShimsPatchError)."""
+        rec = self.receipt.record(plugin.name, origin=plugin.origin)
+        try:
+            from shims import config as config_module
+            patch = plugin.load()
+            prefix = f"SHIMS_{patch.name.upper()}_"
+            known = {prefix + option.name for option in patch.options}
+            unknown = sorted(v for v in self.config.source if v.startswith(prefix) and v not in known)
+            if unknown:
+                raise ShimsConfigError(f"unknown variable {unknown[0]}={self.config.source[unknown[0]]!r}; valid for "
+                                       f"this plug-in: {', '.join(sorted(known)) or 'none (it declares no options)'}")
+            self._options[patch.name] = config_module.patch_options(patch, self.config.source)
+        except Exception as exc:  # noqa: BLE001 - never break the user's import
+            rec.target(plugin.entry_point, receipt.ERROR, f"plug-in failed to load: {type(exc).__name__}: {exc}")
+            self._log().warning("plug-in %s (%s) failed to load: %s: %s", plugin.name, plugin.origin,
+                                type(exc).__name__, exc)
+            if self.config.strict:
+                raise ShimsPatchError(f"shims plug-in {plugin.name!r} ({plugin.origin}) failed to load: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+            return
+        rec.summary, rec.docs, rec.distribution = patch.summary, patch.docs, patch.distribution
+        before = set(self._targets)
+        self._expect_targets(patch, rec)
+        for module_name in [m for m in self._targets if m not in before]:
+            hooks.when_imported(module_name, self._on_import)  # at once for a module already imported
 
     def disable(self):
         """Put every replaced attribute back (`is` the original again) and stop reacting to imports."""
@@ -129,9 +185,9 @@ class Engine:
                 rec = self.receipt.record(name)
                 if applied.current() is applied.replacement:
                     applied.put(applied.original)
-                    rec.target(target, "reverted", "shims.disable() restored the original")
+                    rec.target(target, receipt.REVERTED, "shims.disable() restored the original")
                 else:
-                    rec.target(target, "reverted", "left alone: something else replaced it after shims did")
+                    rec.target(target, receipt.REVERTED, "left alone: something else replaced it after shims did")
             self.applied = {}
             self._main_tried = {}
             from shims import config as config_module
@@ -145,7 +201,9 @@ class Engine:
                 return
             if module.__name__ == "torch" and self.config.mode == "detect":
                 self._install_detectors()
-            for patch, target in self._targets.get(module.__name__, ()):
+            for plugin in self._plugins_by_trigger.pop(module.__name__, ()):
+                self._load_plugin(plugin)
+            for patch, target in list(self._targets.get(module.__name__, ())):
                 self._apply(patch, target, module, module, target.qualname)
 
     def apply_in_namespace(self, namespace, module_label):
@@ -174,7 +232,7 @@ class Engine:
         key = (patch.name, target)
         rec = self.receipt.record(patch.name)
         shown = target if label is None else f"{label}:{target.qualname}"
-        if label is not None and str(target) in rec.targets and rec.targets[str(target)]["status"] == "not-imported":
+        if label is not None and rec.targets.get(str(target), {}).get("status") == receipt.NOT_IMPORTED:
             del rec.targets[str(target)]
         try:
             # the version verdict comes first: a release that fixed the bug may also have moved the function
@@ -195,16 +253,19 @@ class Engine:
                     return  # still in place: wrap exactly once
                 del self.applied[key]  # the module ran again (reload, re-import): patch its new object
             if getattr(original, "__shims_original__", None) is not None:
-                rec.target(shown, "applied", "already patched (by an earlier shims engine)")
+                rec.target(shown, receipt.APPLIED, "already patched (by an earlier shims engine)")
                 return
-            if patch.fingerprint is not None:
-                drift = patch.fingerprint(original)
-                if drift:
-                    raise Skip(f"fingerprint: {drift}")
-            replace = patch.replace if self.config.mode == "fix" else patch.detect
+            fingerprint, replace, detect = target.functions(patch)
+            if fingerprint is not None:
+                returned = fingerprint(original)  # raises Skip when the target is not what the patch expects
+                if returned is not None:
+                    raise TypeError(f"the fingerprint of {shown} returned {returned!r}; a fingerprint returns None "
+                                    "or raises shims.patch.Skip(reason)")
+            replace = replace if self.config.mode == "fix" else detect
             if replace is None:
-                raise Skip("this patch has no observe-only mode", status="skipped-benign")
-            ctx = Context(patch, target, self.config.options[patch.name], self.config.mode, self.config.strict, rec,
+                raise Skip("this patch has no observe-only mode" if self.config.mode == "detect"
+                           else "this target has no replacement", status=receipt.SKIPPED_BENIGN)
+            ctx = Context(patch, target, self._options[patch.name], self.config.mode, self.config.strict, rec,
                           module, self._reverts)
             replacement = replace(original, ctx)
             if replacement is not None and replacement is not original:
@@ -215,17 +276,17 @@ class Engine:
                 applied = _Applied(owner, attr, original, replacement)
                 applied.put(replacement)
                 self.applied[key] = applied
-            rec.target(shown, "applied", "observing" if self.config.mode == "detect" else "")
+            rec.target(shown, receipt.APPLIED, "observing" if self.config.mode == "detect" else "")
             self._log().info("%s: applied to %s", patch.name, shown)
         except Skip as skip:
-            status = "skipped" if skip.status == "skipped-benign" else skip.status
+            status = receipt.SKIPPED if skip.status == receipt.SKIPPED_BENIGN else skip.status
             rec.target(shown, status, str(skip))
             self._log().info("%s: %s %s: %s", patch.name, status, shown, skip)
-            if self.config.strict and skip.status == "skipped":
+            if self.config.strict and skip.status == receipt.SKIPPED:
                 raise ShimsPatchError(f"shims patch {patch.name!r} could not apply to {shown}: {skip} "
                                       "(SHIMS_STRICT=1; set SHIMS_STRICT=0 to skip it instead)") from None
         except Exception as exc:  # noqa: BLE001 - never crash the user's import or training
-            rec.target(shown, "error", f"{type(exc).__name__}: {exc}")
+            rec.target(shown, receipt.ERROR, f"{type(exc).__name__}: {exc}")
             self._log().warning("%s: failed on %s, left unpatched: %s: %s", patch.name, shown,
                                 type(exc).__name__, exc)
             if self.config.strict:
@@ -243,7 +304,7 @@ class Engine:
                 self._reverts.append(revert)
         except Exception as exc:  # noqa: BLE001 - never break the user's `import torch`; the receipt says why
             rec = self.receipt.record("detect")
-            rec.target("torch:detectors", "error", f"{type(exc).__name__}: {exc}")
+            rec.target("torch:detectors", receipt.ERROR, f"{type(exc).__name__}: {exc}")
             if self.config.strict:
                 raise
 
@@ -283,7 +344,7 @@ class Engine:
     def _did_anything(self):
         """A child that reached no target (a resource tracker, an idle worker) writes no report of its own."""
         for rec in self.receipt.records.values():
-            if rec.counters or rec.findings or any(t["status"] not in ("not-imported", "disabled")
+            if rec.counters or rec.findings or any(t["status"] not in (receipt.NOT_IMPORTED, receipt.DISABLED)
                                                    for t in rec.targets.values()):
                 return True
         return False
@@ -299,6 +360,14 @@ class Engine:
             root, ext = os.path.splitext(path)
             return f"{root}.{os.getpid()}{ext}"
         return path
+
+
+def _same_configuration(new, old):
+    """Whether two configurations mean the same. The option values follow from the SHIMS_* variables (`source`),
+    except that a plug-in's appear once it has loaded: so they are left out of the comparison."""
+    first, second = new.as_dict(), old.as_dict()
+    first.pop("options"), second.pop("options")
+    return first == second
 
 
 _ENGINE = None

@@ -5,7 +5,9 @@ What shims adds on top, in one place:
   so wrapt calls one dispatcher per name and the dispatcher calls whatever is registered now;
 - a module that executes again (`importlib.reload`, or imported anew after removal from sys.modules) fires again:
   wrapt's hooks are one-shot, so after firing, the dispatcher re-arms itself in wrapt's table (feature-detected: a
-  wrapt without that table still patches every first import; only a reloaded target would stay unpatched).
+  wrapt without that table still patches every first import; only a reloaded target would stay unpatched);
+- a module whose import is under way (in sys.modules, its code still running: a plug-in loaded by `import torch`
+  at the top of the very module it patches) fires when that import ends, not at once on a half-made module.
 """
 
 from __future__ import annotations
@@ -55,6 +57,31 @@ class _Dispatch:
                 hooks.append(self)
 
 
+def _initializing(module):
+    """True while the module's code is still running (importlib sets `__spec__._initializing` around it)."""
+    return getattr(getattr(module, "__spec__", None), "_initializing", False) is True
+
+
+def _fire_when_initialized(module, name):
+    """Run the dispatcher for `name` when the import of `module`, under way now, ends. importlib has no hook for that
+    moment; it does set `spec._initializing = False` on the module's spec as its last step (3.9-3.13), so the spec
+    gets, for that one assignment, a subclass that notices it and then becomes a plain ModuleSpec again."""
+    spec = module.__spec__
+    base = type(spec)
+
+    class SpecUntilInitialized(base):
+        def __setattr__(self, key, value):
+            base.__setattr__(self, key, value)
+            if key == "_initializing" and value is False:
+                base.__setattr__(self, "__class__", base)
+                _Dispatch(name)(sys.modules.get(name, module))
+
+    try:
+        spec.__class__ = SpecUntilInitialized
+    except TypeError:  # a spec type that refuses it: fire now, as wrapt would
+        _Dispatch(name)(module)
+
+
 def when_imported(name, callback):
     """Call `callback(module)` after module `name` is imported; at once if it is already in sys.modules.
 
@@ -67,12 +94,16 @@ def when_imported(name, callback):
         callbacks.append(callback)
         first = name not in _armed
         _armed.add(name)
+    module = sys.modules.get(name)
+    if module is not None and _initializing(module):
+        if first:  # otherwise the dispatcher armed earlier runs every callback when this import ends
+            _fire_when_initialized(module, name)
+        return
     if first:
         import wrapt
         # fires at once (calling every callback so far) when the module is already imported, else after its import
         wrapt.register_post_import_hook(_Dispatch(name), name)
         return
-    module = sys.modules.get(name)
     if module is not None:
         callback(module)
 

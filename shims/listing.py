@@ -27,7 +27,7 @@ def _environment():
     """(Config or None, error text or None)."""
     from shims.errors import ShimsConfigError
     try:
-        return config.from_environment(registry.load()), None
+        return config.from_environment(registry.load(import_plugins=True)), None
     except ShimsConfigError as exc:
         return None, str(exc)
 
@@ -72,13 +72,14 @@ def describe(patch, cfg, error):
         shown_options[var] = {"value": list(value) if isinstance(value, tuple) else value,
                               "set": cfg is not None and var in cfg.source,
                               "values": config.option_values(option).replace("`", ""), "help": option.help}
-    return {"name": patch.name, "summary": patch.summary, "would_apply": would, "targets": targets,
+    return {"name": patch.name, "summary": patch.summary, "from": registry.origin(patch), "would_apply": would,
+            "targets": targets,
             "upstream": patch.upstream or None, "options": shown_options, "docs": docs_url(patch.docs) or None}
 
 
 def collect(only=None):
     cfg, error = _environment()
-    patches = [p for p in registry.load() if only is None or p.name == only]
+    patches = [p for p in registry.load(import_plugins=True) if only is None or p.name == only]
     environment = {"parses": error is None, "error": error, "mode": cfg.mode if cfg else None,
                    "variables": {name: os.environ.get(name) for name in config.GLOBAL_VARS}}
     return {"schema": SCHEMA, "environment": environment,
@@ -112,6 +113,7 @@ def format_text(data, width):
     lines.append("")
     for patch in data["patches"]:
         lines.append(wrap(f"{patch['name']}: {patch['summary']}", width))
+        lines.append(wrap(f"from: {patch['from']}", width, indent="  "))
         lines.append(wrap(f"would apply: {patch['would_apply']}", width, indent="  "))
         groups = {}
         for fact in patch["targets"]:
@@ -139,7 +141,7 @@ def format_text(data, width):
 def show(only, as_json, out, width):
     """Print the list; 2 for an unknown PATCH (the error names the valid ones)."""
     import sys
-    names = [p.name for p in registry.load()] + list(registry.broken())
+    names = [p.name for p in registry.load(import_plugins=True)] + list(registry.broken())
     if only is not None and only not in names:
         sys.stderr.write(f"shims list: unknown patch {only!r}{config._suggest(only, names)}; valid: "
                          f"{', '.join(names)}\n")

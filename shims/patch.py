@@ -14,12 +14,17 @@ MAIN = "__main__"  # a Target in the script being run; also matched in multiproc
 
 
 class Skip(Exception):
-    """Raised by `replace` / `detect` to leave a target untouched; the message is the receipt's reason.
+    """Raised by `fingerprint`, `replace` or `detect` to leave a target untouched; the message is the receipt's reason.
 
-    status: "skipped" (could not apply: strict mode raises) or "fixed-upstream" (nothing to fix: never raises).
+    status (the constants of shims.receipt):
+        "skipped"         could not apply (version, shape, missing method): recorded; strict mode raises
+        "skipped-benign"  nothing to do and nothing wrong: recorded as "skipped"; strict mode does not raise
+        "fixed-upstream"  the target already has the upstream fix: recorded; strict mode does not raise
     """
 
     def __init__(self, reason, status="skipped"):
+        if status not in ("skipped", "skipped-benign", "fixed-upstream"):  # shims.receipt.SKIP_STATUSES
+            raise ValueError(f"Skip status {status!r} is not one of skipped, skipped-benign, fixed-upstream")
         super().__init__(reason)
         self.status = status
 
@@ -48,13 +53,19 @@ class Target:
     a framework and for user code that copied it, like detr).
     `supported`, `fixed_in`, `torch`: this target's own ranges where they differ from the patch's (ColossalAI's
     LowLevelZero was fixed upstream in 0.3.7, its GeminiDDP never was); None means the patch's.
+    `replace`, `detect`, `fingerprint`: this target's own functions where its shape differs from the other targets'
+    (a method that queues gradients and one that empties the queue need different replacements); None means the
+    patch's. The same contracts as on `Patch`.
     """
 
-    __slots__ = ("module", "qualname", "distribution", "supported", "fixed_in", "torch")
+    __slots__ = ("module", "qualname", "distribution", "supported", "fixed_in", "torch", "replace", "detect",
+                 "fingerprint")
 
-    def __init__(self, module, qualname, distribution=None, *, supported=None, fixed_in=None, torch=None):
+    def __init__(self, module, qualname, distribution=None, *, supported=None, fixed_in=None, torch=None,
+                 replace=None, detect=None, fingerprint=None):
         self.module, self.qualname, self.distribution = module, qualname, distribution
         self.supported, self.fixed_in, self.torch = supported, fixed_in, torch
+        self.replace, self.detect, self.fingerprint = replace, detect, fingerprint
 
     def __repr__(self):
         return f"{self.module}:{self.qualname}"
@@ -71,6 +82,12 @@ class Target:
         return (self.distribution or patch.distribution, pick(self.supported, patch.supported),
                 pick(self.fixed_in, patch.fixed_in), pick(self.torch, patch.torch))
 
+    def functions(self, patch):
+        """(fingerprint, replace, detect) in force for this target of `patch`: its own, else the patch's."""
+        pick = lambda own, inherited: inherited if own is None else own  # noqa: E731
+        return (pick(self.fingerprint, patch.fingerprint), pick(self.replace, patch.replace),
+                pick(self.detect, patch.detect))
+
 
 class Patch:
     """The declaration of one patch. Immutable once built.
@@ -78,15 +95,20 @@ class Patch:
     name          short lower-case name used in SHIMS_PATCHES / SHIMS_DISABLE and as the options' prefix
     summary       one line: the mistake it fixes
     targets       a tuple of `Target`, or a function `options -> tuple of Target` when the options decide them
-    replace       `replace(original, ctx) -> replacement` (may raise `Skip`); the heart of the patch
+    replace       `replace(original, ctx) -> replacement` (may raise `Skip`); the heart of the patch. None here is
+                  allowed when every target brings its own (`Target(replace=...)`)
     distribution  the installed distribution whose version matters (None for user code, e.g. scripts)
     supported     PEP 440 specifier of the versions the patch was written for ("" = any)
     fixed_in      first version where upstream fixed the bug: at or above it the patch says "fixed upstream"
     torch         PEP 440 specifier of the torch releases the patch works with ("" = any); shims itself never
                   requires torch, so a target outside this range is refused with the reason in the receipt
                   (a Target may narrow `supported`, `fixed_in` and `torch` for itself)
-    fingerprint   `fingerprint(original) -> None | str`: a reason to refuse when the target is not what we expect
+    fingerprint   `fingerprint(original) -> None`, called before `replace`/`detect` on the object found at the target:
+                  returns None when it has the shape the patch was written for, raises `Skip(reason)` when not
+                  (`status="fixed-upstream"` when the shape shows the upstream fix). Any other return value is a
+                  contract error, recorded as "error" (see docs/plugins.md)
     detect        `detect(original, ctx) -> None | replacement`: observe-only variant used when SHIMS_MODE=detect
+    (a Target may bring its own `replace`, `detect` and `fingerprint`: they take the patch's place for that target)
     options       tuple of `Option`
     docs          path of the patch's documentation page in the repository
     """
@@ -94,7 +116,7 @@ class Patch:
     __slots__ = ("name", "summary", "targets", "replace", "distribution", "supported", "fixed_in", "fingerprint",
                  "detect", "options", "docs", "upstream", "torch")
 
-    def __init__(self, *, name, summary, targets, replace, distribution=None, supported="", fixed_in=None,
+    def __init__(self, *, name, summary, targets, replace=None, distribution=None, supported="", fixed_in=None,
                  fingerprint=None, detect=None, options=(), docs="", upstream="", torch=""):
         if not name.isidentifier() or name.lower() != name:
             raise ValueError(f"patch name {name!r} must be a lower-case identifier")
@@ -160,10 +182,15 @@ def wrap(original, around):
 
 
 class Context:
-    """What `replace` / `detect` get besides the original: where they are, the options, and the receipt to write to.
+    """What `replace` / `detect` get besides the original: where they are, the options, and how to report.
+
+A patch reports only through these methods; `ctx.record` is the engine's receipt entry, not part of the contract.
 
     ctx.count(name, n)    add to a counter shown in the receipt (thread-safe; cheap enough for a training step)
     ctx.note(text)        a line in the receipt for this target
+    ctx.error(reason)     this target's status becomes "error" with `reason`, for a failure the patch handled itself
+                          after it was applied (the original behaviour ran instead; strict mode: raise, not this)
+    ctx.version(text)     the version the receipt shows for this patch, when no distribution of the patch says it
     ctx.finding(...)      an observation for the observe-only mode (see shims.receipt.PatchRecord.finding)
     ctx.options           this patch's options, e.g. ctx.options["FUNCTIONS"]
     ctx.target, ctx.mode  the Target being replaced, and "fix" or "detect"
@@ -186,6 +213,12 @@ class Context:
 
     def note(self, text):
         self.record.note(f"{self.target}: {text}")
+
+    def error(self, reason):
+        self.record.target(self.target, "error", reason)
+
+    def version(self, text):
+        self.record.version = text
 
     def finding(self, kind, message, *, where=None, cost=None, fix=None, count=1):
         return self.record.finding(kind, message, where=where, cost=cost, fix=fix, count=count)

@@ -1,6 +1,6 @@
 """The receipt: what each patch did in this process, and why. `shims.status()` returns `Receipt.as_dict()`.
 
-Statuses of a target (and of a patch: the most telling of its targets' statuses):
+Statuses of a target (and of a patch: the most telling of its targets' statuses), one named constant each below:
     applied         the replacement is in place (fix mode), or the observer is installed (detect mode)
     not-imported    the target's module (or the script's function) has not appeared yet
     skipped         it could not apply: version out of range, fingerprint drift, shape not recognised (the reason says)
@@ -8,6 +8,9 @@ Statuses of a target (and of a patch: the most telling of its targets' statuses)
     disabled        turned off by SHIMS_PATCHES / SHIMS_DISABLE / SHIMS_MODE=off
     error           the patch raised; the target was left as it was (strict mode raises instead)
     reverted        shims.disable() put the original back
+One more value exists only on the way in, as `Skip(reason, status=SKIPPED_BENIGN)`: nothing to do and nothing
+wrong (a function without the buggy shape, a patch with no observe-only variant). The receipt records it as
+"skipped", and strict mode does not raise for it.
 The JSON layout is documented in docs/detect.md ("The JSON report"); the statuses are the same in both modes.
 """
 
@@ -15,6 +18,18 @@ from __future__ import annotations
 
 import threading
 from typing import Dict, List, Optional, TypedDict
+
+APPLIED = "applied"
+NOT_IMPORTED = "not-imported"
+SKIPPED = "skipped"
+SKIPPED_BENIGN = "skipped-benign"  # a Skip status only: recorded as SKIPPED, never raised in strict mode
+FIXED_UPSTREAM = "fixed-upstream"
+DISABLED = "disabled"
+ERROR = "error"
+REVERTED = "reverted"
+STATUSES = (APPLIED, NOT_IMPORTED, SKIPPED, FIXED_UPSTREAM, DISABLED, ERROR, REVERTED)  # what a receipt can show
+SKIP_STATUSES = (SKIPPED, SKIPPED_BENIGN, FIXED_UPSTREAM)  # what `Skip(reason, status=...)` accepts
+BUILT_IN = "shims"  # the origin of the patches shipped in shims.patches (plug-ins name their distribution)
 
 SCHEMA = 1
 
@@ -29,7 +44,9 @@ def docs_url(path):
     if not path or "://" in path:
         return path
     return DOCS_URL + path.lstrip("/")
-_RANK = ("error", "applied", "skipped", "fixed-upstream", "reverted", "not-imported", "disabled")
+
+
+_RANK = (ERROR, APPLIED, SKIPPED, FIXED_UPSTREAM, REVERTED, NOT_IMPORTED, DISABLED)
 
 
 class TargetData(TypedDict):
@@ -56,6 +73,7 @@ class PatchData(TypedDict):
     docs: str  # the URL of its documentation page
     distribution: Optional[str]
     version: Optional[str]
+    origin: str  # "shims" for a built-in patch, else the plug-in's distribution and entry point
     targets: Dict[str, TargetData]  # "module:qualname" -> its status
     counters: Dict[str, int]
     notes: List[str]
@@ -76,8 +94,9 @@ class ReceiptData(TypedDict):
 class PatchRecord:
     """What one patch did: per-target status, counters, notes and (detect mode) findings."""
 
-    def __init__(self, name, summary="", docs="", distribution=None):
+    def __init__(self, name, summary="", docs="", distribution=None, origin=BUILT_IN):
         self.name, self.summary, self.docs, self.distribution = name, summary, docs_url(docs), distribution
+        self.origin = origin  # where the patch came from: "shims", or the plug-in's distribution and entry point
         self.version = None
         self.targets = {}  # "module:qualname" -> {"status", "reason"}
         self.counters = {}
@@ -134,7 +153,7 @@ class PatchRecord:
     def as_dict(self) -> PatchData:
         with self._lock:
             return {"status": self.status, "reason": self.reason, "summary": self.summary, "docs": self.docs,
-                    "distribution": self.distribution, "version": self.version,
+                    "distribution": self.distribution, "version": self.version, "origin": self.origin,
                     "targets": {k: dict(v) for k, v in self.targets.items()}, "counters": dict(self.counters),
                     "notes": list(self.notes), "findings": [dict(f) for f in self.findings]}
 

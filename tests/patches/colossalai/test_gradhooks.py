@@ -1,4 +1,4 @@
-"""shims.gradhooks: reduction hooks fire exactly once per accumulated gradient, never for torch.autograd.grad.
+"""gradhooks (shims.patches.colossalai): reduction hooks fire once per accumulated gradient, never for autograd.grad.
 
 Each test drives real autograd (CPU) and checks what a gradient reducer cares about: how many times the hook ran, on
 which gradient, and what torch.autograd.grad callers get back. The property test replays random sequences of
@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shims import gradhooks
+from shims.patches.colossalai import gradhooks
 
 
 def leaf(values=(1.0, 2.0, 3.0)):

@@ -1,28 +1,23 @@
 """colossalai patch: gradient-reduction hooks fire once per accumulated gradient, never for torch.autograd.grad.
 
 ColossalAI itself cannot run here (LowLevelZero needs CUDA/NPU, colossalai 0.5.0 pins torch <= 2.5.1), so the
-references in tests/colossalai_reference are written here with upstream's structure and method names, and loaded
-under ColossalAI's module names so that the patch's real targets find them. (tests/test_colossalai_real.py runs the
-real 0.3.6 / 0.3.7 LowLevelZeroOptimizer on CPU when its sdist can be fetched.)
-
-Distributed tests: 2 gloo ranks on 127.0.0.1, one run over all scenarios (about 40 s on 2 cores), each bounded by a
-timeout. Fidelity: after 3 steps the parameters equal a single-process reference on the same data, bitwise (2 ranks:
-(g0 + g1) / 2 is exact in float32 whatever the order, see vqgan.py); the tolerance would otherwise be 1e-6.
+references in tests/patches/colossalai/reference are written here with upstream's structure and method names, and
+loaded under ColossalAI's module names so that the patch's real targets find them. (test_colossalai_real.py runs the
+real 0.3.6 / 0.3.7 LowLevelZeroOptimizer on CPU when its sdist can be fetched; test_colossalai_distributed.py trains
+on 2 gloo ranks against a single-process reference, bitwise.)
 """
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 import shims
-from conftest import clean_env, write
+from tests.conftest import write
 from shims import versions
 from shims.errors import ShimsPatchError
-from tests import colossalai_reference as ref
-from tests.colossalai_reference import vqgan
+from tests.patches.colossalai import reference as ref
+from tests.patches.colossalai.reference import vqgan
 
 LOW_LEVEL = "colossalai.zero.low_level.low_level_optim"
 GEMINI = "colossalai.zero.gemini.gemini_ddp"
@@ -233,7 +228,7 @@ def test_zero_grad_empties_what_a_plain_backward_queued(upstream):
 
 
 def test_registration_failure_falls_back_to_upstream_hooks_and_says_so(upstream, monkeypatch):
-    from shims import gradhooks
+    from shims.patches.colossalai import gradhooks
 
     def refuse(param, hook):
         raise RuntimeError("no hooks today")
@@ -306,7 +301,7 @@ def test_gemini_hooks_removed_upstream_style_leave_no_deferred_work(upstream):
 
 
 def test_gemini_deferral_failure_falls_back_to_upstream_hook_and_says_so(upstream, monkeypatch):
-    from shims import gradhooks
+    from shims.patches.colossalai import gradhooks
 
     def refuse(param, work):
         raise RuntimeError("cannot defer")
@@ -421,99 +416,3 @@ def test_detect_on_gemini_reports_the_hook_that_raised(upstream):
         torch.autograd.grad(loss, model.last_layer, retain_graph=True)
     finding = {f["kind"]: f for f in receipt()["findings"]}["hook-raised"]
     assert "GeminiDDP.grad_handle" in finding["message"] and "gemini_ddp.py:" in finding["where"]
-
-
-# ---------------------------------------------------------------- 2 gloo ranks: fidelity against the reference
-
-SCENARIOS = {
-    # name: (wrapper, shims, zero, adaptive, micro_batches, two_backwards)
-    "llz_off_plain": ("low_level", "off", "stage2", False, 1, False),
-    "llz_off_vqgan": ("low_level", "off", "stage2", True, 1, False),
-    "llz_fix_vqgan": ("low_level", "fix", "stage2", True, 1, False),
-    "llz_fix_accumulate": ("low_level", "fix", "overlap", True, 2, False),
-    "llz_fix_two_backwards": ("low_level", "fix", "stage2", True, 1, True),
-    "llz_detect_vqgan": ("low_level", "detect", "stage2", True, 1, False),
-    "gemini_off_plain": ("gemini", "off", "stage2", False, 1, False),
-    "gemini_off_vqgan": ("gemini", "off", "stage2", True, 1, False),
-    "gemini_fix_vqgan": ("gemini", "fix", "stage2", True, 1, False),
-}
-STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def distributed(tmp_path_factory):
-    out = tmp_path_factory.mktemp("colossalai_ranks")
-    scenarios = [dict(name=name, wrapper=w, shims=s, zero=z, adaptive=a, micro_batches=m, two_backwards=t,
-                      steps=STEPS, bucket=40) for name, (w, s, z, a, m, t) in SCENARIOS.items()]
-    path = out / "scenarios.json"
-    path.write_text(json.dumps(scenarios))
-    results = ref.run_ranks(["tests.colossalai_reference.worker", str(path), str(out)], clean_env(), timeout=240)
-    for rank, (code, stdout, stderr) in enumerate(results):
-        assert code == 0, f"rank {rank} exited {code}\n{stdout[-2000:]}\n{stderr[-4000:]}"
-    return {name: [torch.load(out / f"{name}.rank{rank}.pt", weights_only=False) for rank in range(2)]
-            for name in SCENARIOS}
-
-
-def assert_matches_reference(result):
-    assert result["error"] is None, result.get("traceback")
-    for name, value in result["params"].items():
-        reference = result["reference_params"][name]
-        # bitwise: see the module docstring; a float32 tolerance of 1e-6 would be the fallback
-        assert torch.equal(value, reference), f"{name}: max diff {(value - reference).abs().max().item()}"
-    for key, weight in result["weights"].items():
-        assert weight == result["reference_weights"][key], key
-
-
-@pytest.mark.slow
-def test_reference_reducers_match_single_process_without_autograd_grad(distributed):
-    """The references themselves are right: unpatched, on a loss without autograd.grad, both equal the reference."""
-    for name in ("llz_off_plain", "gemini_off_plain"):
-        assert_matches_reference(distributed[name][0])
-        assert all(r["reductions_per_step"] == [r["n_params"]] * STEPS for r in distributed[name])
-
-
-@pytest.mark.slow
-def test_unpatched_vqgan_loss_fails_on_both_ranks(distributed):
-    for rank in range(2):
-        assert distributed["llz_off_vqgan"][rank]["error"].startswith("AttributeError: 'NoneType'")
-        assert "failed at the gradient reduction" in distributed["gemini_off_vqgan"][rank]["error"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["llz_fix_vqgan", "gemini_fix_vqgan"])
-def test_patched_vqgan_training_equals_the_reference(distributed, name):
-    rank0, rank1 = distributed[name]
-    assert_matches_reference(rank0)
-    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in rank0["params"])
-    for result in (rank0, rank1):
-        assert result["reductions_per_step"] == [result["n_params"]] * STEPS  # one per parameter per step
-        assert min(result["returned_grad_bytes"]) > 0  # autograd.grad handed back a real tensor
-    counters = rank0["receipt"]["counters"]
-    if name.startswith("gemini"):
-        # 3 autograd.grad calls on the last layer per step pass through; every parameter reduced once per step
-        assert counters == {"tensor_hook_calls": STEPS * (rank0["n_params"] + 3),
-                            "gradients_reduced": STEPS * rank0["n_params"]}
-
-
-@pytest.mark.slow
-def test_gradient_accumulation_over_micro_batches_stays_correct(distributed):
-    rank0 = distributed["llz_fix_accumulate"][0]
-    assert_matches_reference(rank0)
-    assert len(rank0["weights"]) == STEPS * 2  # an adaptive weight per micro-batch
-    assert rank0["reductions_per_step"] == [rank0["n_params"]] * STEPS  # queued once, after the synced micro-batch
-
-
-@pytest.mark.slow
-def test_two_backward_calls_in_one_step_stay_correct(distributed):
-    rank0 = distributed["llz_fix_two_backwards"][0]
-    assert_matches_reference(rank0)
-    encoder_params = len(list(vqgan.build_model().encoder.parameters()))
-    assert rank0["reductions_per_step"] == [rank0["n_params"] + encoder_params] * STEPS
-
-
-@pytest.mark.slow
-def test_detect_mode_reports_before_the_failure_it_does_not_prevent(distributed):
-    result = distributed["llz_detect_vqgan"][0]
-    assert result["error"].startswith("AttributeError")  # observe-only: the bug still bites
-    kinds = {f["kind"] for f in result["receipt"]["findings"]}
-    assert {"hook-outside-backward", "hook-raised"} <= kinds

@@ -1,6 +1,6 @@
 """doctr patch: the patched buggy loop is the upstream-fixed loop, bitwise, with one forward per step.
 
-Reference loops (tests/doctr_loops) follow the structure of doctr's recognition scripts before and after PR #1862.
+Reference loops (loops/) follow the structure of doctr's recognition scripts before and after PR #1862.
 Models: timm (BatchNorm + dropout, so a second forward changes running statistics and RNG draws) and a real doctr
 recognition model (vitstr_small, pretrained=False). All on CPU; amp uses the CPU autocast path (bfloat16).
 """
@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 import shims
-from conftest import REPO, clean_env, run_python, write
+from shims.testing import assert_same, check_fidelity
+from tests.conftest import REPO, clean_env, run_python, write
 
-LOOPS = "tests.doctr_loops"
+LOOPS = "tests.patches.doctr.loops"
+HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLES = os.path.join(REPO, "examples")
 
 
@@ -93,39 +95,35 @@ def train(loop, model_name, *, amp=False, ddp_signature=False, seed=0):
     return state, loss, len(forwards), len(data), logged
 
 
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype, key
-        assert torch.equal(a[key], b[key]), f"{key} differs (max abs diff {(a[key].double() - b[key].double()).abs().max()})"
+def one_epoch(loop_name, model_name, amp, ddp_signature):
+    """The loop as a shims.testing variant: what one epoch produced (weights and buffers, loss, forwards, log)."""
+    def run():
+        state, loss, forwards, steps, logged = train(load_loop(loop_name), model_name, amp=amp,
+                                                     ddp_signature=ddp_signature)
+        return {"state": state, "loss": loss, "forwards": forwards, "steps": steps, "log": logged}
+    return run
 
 
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp"])
 @pytest.mark.parametrize("variant", ["single", "ddp"])
 def test_patched_loop_is_the_fixed_loop_bitwise(model_name, amp, variant):
-    buggy, fixed = f"buggy_{variant}", f"fixed_{variant}"
-    ddp_signature = variant == "ddp"
-    ref_state, ref_loss, ref_forwards, steps, ref_log = train(load_loop(fixed), model_name, amp=amp,
-                                                              ddp_signature=ddp_signature)
-    bug_state, bug_loss, bug_forwards, _, _ = train(load_loop(buggy), model_name, amp=amp,
-                                                   ddp_signature=ddp_signature)
-    assert ref_forwards == steps and bug_forwards == 2 * steps  # the bug, as upstream had it
-
-    receipt = enable_doctr([f"{LOOPS}.{buggy}"])
-    assert receipt["patches"]["doctr"]["targets"][f"{LOOPS}.{buggy}:fit_one_epoch"]["status"] == "applied"
-    state, loss, forwards, _, logged = train(load_loop(buggy), model_name, amp=amp, ddp_signature=ddp_signature)
-
-    assert forwards == steps, "exactly one forward per optimizer step"
-    assert_bitwise_equal(state, ref_state)
-    assert loss == ref_loss
-    if not ddp_signature:
-        assert logged == ref_log  # the unconditional log callback saw the same losses and learning rates
-    counters = shims.status()["patches"]["doctr"]["counters"]
-    assert counters == {"functions_rewritten": 1, "forwards_removed": steps}
+    buggy, fixed, ddp_signature = f"buggy_{variant}", f"fixed_{variant}", variant == "ddp"
+    # unpatched, patched and upstream-fixed from the same seed and batches; patched == fixed bitwise: weights,
+    # buffers, epoch loss, forwards per step, and what the unconditional log callback saw
+    result = check_fidelity(one_epoch(buggy, model_name, amp, ddp_signature),
+                            one_epoch(fixed, model_name, amp, ddp_signature),
+                            patch="doctr", options={"SHIMS_DOCTR_MODULES": f"{LOOPS}.{buggy}"})
+    steps = result.fixed["steps"]
+    assert result.fixed["forwards"] == steps and result.unpatched["forwards"] == 2 * steps  # the bug, as upstream
+    assert result.patched["forwards"] == steps, "exactly one forward per optimizer step"
+    record = result.record("doctr")
+    assert record["targets"][f"{LOOPS}.{buggy}:fit_one_epoch"]["status"] == "applied"
+    assert record["counters"] == {"functions_rewritten": 1, "forwards_removed": steps}
     if model_name.startswith("timm"):
         # with BatchNorm and dropout the stray forward changes the result: the unpatched run differs
-        assert any(not torch.equal(bug_state[k], ref_state[k]) for k in ref_state)
+        with pytest.raises(AssertionError, match="differ"):
+            assert_same(result.fixed["state"], result.unpatched["state"])
 
 
 def test_fixed_loop_is_left_alone_and_said_to_be_fixed():
@@ -330,8 +328,7 @@ def test_way3_ddp_spawn_children_import_the_script_as_mp_main(tmp_path, how):
 
 def test_way4_importable_module_named_by_SHIMS_DOCTR_MODULES(tmp_path):
     write(tmp_path / "mytrainer" / "__init__.py", "")
-    write(tmp_path / "mytrainer" / "loops.py", open(os.path.join(REPO, "tests", "doctr_loops", "buggy_single.py"))
-          .read())
+    write(tmp_path / "mytrainer" / "loops.py", open(os.path.join(HERE, "loops", "buggy_single.py")).read())
     runner = write(tmp_path / "run.py", '''
         import shims.auto
         import json, sys, torch
@@ -343,6 +340,6 @@ def test_way4_importable_module_named_by_SHIMS_DOCTR_MODULES(tmp_path):
         print(json.dumps({"forwards": forwards, "steps": steps, "rewritten": hasattr(fit_one_epoch, "__wrapped__")}))
     ''')
     env = clean_env(SHIMS_DOCTR_MODULES="mytrainer.loops", PYTHONPATH=os.pathsep.join([REPO, str(tmp_path)]))
-    proc = run_python([runner, os.path.join(REPO, "tests")], env=env, cwd=str(tmp_path))
+    proc = run_python([runner, HERE], env=env, cwd=str(tmp_path))
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"forwards": result["steps"], "steps": 3, "rewritten": True}

@@ -3,7 +3,7 @@
 `evaluate` follows the structure of LW-DETR's `engine.evaluate` (Atten4Vis/LW-DETR): decorated with no_grad, puts
 the model in eval mode, converts it with `.half()` when `args.fp16_eval` is set (and never back), casts each batch
 with `.half()`, runs the forward WITHOUT autocast, casts every output back to float32, then criterion, postprocessor
-and a COCO evaluator. The shims detr patch finds this module through SHIMS_DETR_MODULES=tests.detr_reference.
+and a COCO evaluator. The shims detr patch finds this module through SHIMS_DETR_MODULES=tests.patches.detr.reference.
 
 Also here: a small DETR-shaped detector on a timm backbone with BatchNorm and LayerNorm (`TimmDetector`), its
 criterion and postprocessor, a synthetic COCO ground truth, and the helpers that build RF-DETR Nano on synthetic

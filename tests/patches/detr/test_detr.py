@@ -1,7 +1,7 @@
 """detr patch: a fp16_eval evaluation leaves the model as it was and matches a float32 evaluation.
 
 Two subjects, the same assertions:
-- an LW-DETR-style `evaluate` written here (tests/detr_reference.py: no_grad decorated, the fp16_eval `.half()`
+- an LW-DETR-style `evaluate` written here (tests/patches/detr/reference.py: no_grad decorated, the fp16_eval `.half()`
   block, no autocast) on a timm mobilevit_xxs detector (BatchNorm and LayerNorm);
 - the real `rfdetr.engine.evaluate` of rfdetr 1.5.2 on RF-DETR Nano (pretrain_weights=None) with a COCO dataset
   written by the test.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
+import os
 import re
 import sys
 
@@ -24,10 +24,9 @@ import pytest
 import torch
 
 import shims
-from conftest import clean_env, run_python, write
-from shims.errors import ShimsConfigError, ShimsPatchError
+from shims.testing import assert_same
 
-REFERENCE = "tests.detr_reference"
+REFERENCE = "tests.patches.detr.reference"
 FLOAT16_TOLERANCE = 2e-2  # max |autocast float16 - float32| on logits and boxes of these random-init models
 ref = importlib.import_module(REFERENCE)
 
@@ -286,14 +285,14 @@ def test_reference_patched_keeps_model_and_matches_float32(reference_setup):
     assert_state_unchanged(model, before)
     assert_state_unchanged(ema, ema_before)
     assert_optimizer_unchanged(optimizer, opt_before)
-    assert max_deviation(recorder.batches, reference_setup["float32_outputs"]) == 0.0  # bitwise on CPU
+    assert_same(reference_setup["float32_outputs"], recorder.batches, label="outputs")  # bitwise on CPU, float32
     assert not recorder.graph_built
     assert criterion.seen_dtypes == {torch.float32} and post.seen_dtypes == {torch.float32}
     assert len(stats["coco_eval_bbox"]) == 12 and stats == ema_stats
     record = detr_record()
     assert record["counters"]["evaluations_converted"] == 2
     assert record["counters"]["model_half_prevented"] == 2
-    assert any("model.half()" in note and "detr_reference.py:" in note for note in record["notes"])
+    assert any("model.half()" in note and os.path.join("detr", "reference.py:") in note for note in record["notes"])
 
 
 def test_reference_training_continues_as_if_never_evaluated(reference_setup):
@@ -348,204 +347,8 @@ def test_reference_detect_mode_reports_call_site_and_changes_nothing(reference_s
     (finding,) = detr_record()["findings"]
     assert finding["kind"] == "fp16-eval-half"
     assert finding["where"] == f"{__file__}:{call_line}"
-    assert "detr_reference.py:" in finding["message"] and "model.half()" in finding["message"]
+    assert os.path.join("detr", "reference.py:") in finding["message"] and "model.half()" in finding["message"]
 
-
-def test_unconvertible_args_run_unpatched_or_raise_in_strict(reference_setup):
-    class FrozenArgs:
-        fp16_eval = property(lambda self: True)  # a copy cannot turn it off
-
-    model, _ = fresh_reference(reference_setup)
-    enable_detr()
-    module = importlib.import_module(REFERENCE)
-    try:
-        stats, _ = module.evaluate(model, ref.FirstQueryCriterion(), {"bbox": ref.BoxPostProcess()},
-                                   reference_setup["batches"], reference_setup["coco"], "cpu", FrozenArgs())
-        assert len(stats["coco_eval_bbox"]) == 12  # the user's evaluation still ran
-    except RuntimeError as exc:  # it ran unpatched: in float16, which this CPU build cannot compute
-        assert no_half_kernel(exc) and cpu_float16_missing(), exc
-        assert {p.dtype for p in model.parameters()} == {torch.float16}
-    record = detr_record()
-    assert record["counters"]["evaluations_unconverted"] == 1
-    assert any("ran unpatched" in note and "FrozenArgs" in note for note in record["notes"])
-    shims.disable()
-    shims.enable(patches=["detr"], strict=True, options={"SHIMS_DETR_MODULES": REFERENCE})
-    with pytest.raises(ShimsPatchError, match="could not convert"):
-        module.evaluate(fresh_reference(reference_setup)[0], ref.FirstQueryCriterion(),
-                        {"bbox": ref.BoxPostProcess()}, reference_setup["batches"], reference_setup["coco"], "cpu",
-                        FrozenArgs())
-
-
-# ---------------------------------------------------------------- fingerprint and configuration (no model)
-
-
-SHAPES = {
-    "no_flag": ("""
-        import torch
-        @torch.no_grad()
-        def evaluate(model, data, args):
-            model.eval()
-            return [model(x) for x in data]
-        """, "skipped", False, "nothing to fix"),
-    "extra_statement": ("""
-        def evaluate(model, data, args):
-            if args.fp16_eval:
-                model.half()
-                print("half")
-            return [model(x) for x in data]
-        """, "skipped", True, "not a dtype conversion"),
-    "else_branch": ("""
-        def evaluate(model, data, args):
-            if args.fp16_eval:
-                model.half()
-            else:
-                model.float()
-            return [model(x) for x in data]
-        """, "skipped", True, "else"),
-    "flag_read_elsewhere": ("""
-        def evaluate(model, data, args):
-            if args.fp16_eval:
-                model.half()
-            use_half = args.fp16_eval
-            return [model(x) for x in data]
-        """, "skipped", True, "outside an `if` test"),
-    "flag_from_global": ("""
-        ARGS = None
-        def evaluate(model, data):
-            if ARGS.fp16_eval:
-                model.half()
-            return [model(x) for x in data]
-        """, "skipped", True, "not from one parameter"),
-    "half_of_a_global": ("""
-        MODEL = None
-        def evaluate(data, args):
-            if args.fp16_eval:
-                MODEL.half()
-            return [MODEL(x) for x in data]
-        """, "skipped", True, "convert no parameter"),
-    "getattr_flag": ("""
-        def evaluate(model, data, args):
-            if getattr(args, "fp16_eval", False):
-                model.half()
-            return [model(x) for x in data]
-        """, "applied", False, ""),
-}
-
-
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_fingerprint_wraps_only_the_fp16_eval_half_shape(shape, tmp_path, monkeypatch):
-    source, status, strict_raises, reason = SHAPES[shape]
-    name = f"detr_shape_{shape}"
-    write(tmp_path / f"{name}.py", source)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module(name)
-    original = module.evaluate
-    try:
-        enable_detr(modules=(name,))
-        target = detr_record()["targets"][f"{name}:evaluate"]
-        assert target["status"] == status and reason in target["reason"], target
-        assert (module.evaluate is original) == (status != "applied")
-        shims.disable()
-        assert module.evaluate is original
-        if strict_raises:
-            with pytest.raises(ShimsPatchError, match="could not apply"):
-                shims.enable(patches=["detr"], strict=True, options={"SHIMS_DETR_MODULES": name})
-        else:
-            shims.enable(patches=["detr"], strict=True, options={"SHIMS_DETR_MODULES": name})
-    finally:
-        sys.modules.pop(name, None)
-
-
-def test_bad_dtype_option_names_the_valid_choices():
-    with pytest.raises(ShimsConfigError, match="SHIMS_DETR_DTYPE='float8'.*auto, float16, bfloat16, float32"):
-        shims.enable(patches=["detr"], options={"SHIMS_DETR_DTYPE": "float8"})
-
-
-def test_patch_module_does_not_import_torch():
-    code = ("import sys, shims.registry as r; r.load(); assert 'shims.patches.detr' in sys.modules, r.broken(); "
-            "assert 'torch' not in sys.modules; print('ok')")
-    assert run_python(["-c", code], env=clean_env(), timeout=60).stdout.strip() == "ok"
-
-
-# ---------------------------------------------------------------- the LW-DETR layout, as a user runs it
-
-
-LWDETR_ENGINE = """
-    import torch
-    from torch import nn
-
-    @torch.no_grad()
-    def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, args=None):
-        model.eval()
-        if args.fp16_eval:
-            model.half()
-        scores = []
-        for images in data_loader:
-            if args.fp16_eval:
-                images = images.half()
-            outputs = model(images)
-            if args.fp16_eval:
-                for key in outputs.keys():
-                    outputs[key] = outputs[key].float()
-            scores.append(criterion(outputs))
-        return scores
-"""
-
-LWDETR_MAIN = """
-    import argparse, json, sys
-    import torch
-    from torch import nn
-    from engine import evaluate
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten(), nn.LayerNorm(8))
-            self.head = nn.Linear(8, 4)
-        def forward(self, x):
-            return {"pred_boxes": self.head(self.body(x)).sigmoid()}
-
-    torch.manual_seed(0)
-    model = Net()
-    args = argparse.Namespace(fp16_eval=True)
-    data = [torch.rand(2, 3, 16, 16) for _ in range(2)]
-    scores = evaluate(model, lambda out: out["pred_boxes"].dtype, None, data, None, "cpu", args)
-    print(json.dumps({"params": sorted({str(p.dtype) for p in model.parameters()}), "seen": [str(s) for s in scores],
-                      "flag_after": args.fp16_eval}))
-"""
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(cpu_float16_missing() is not None, reason=f"the unpatched script: {cpu_float16_missing()}")
-def test_lwdetr_layout_script_under_shims_doctor(tmp_path):
-    write(tmp_path / "engine.py", LWDETR_ENGINE)
-    script = write(tmp_path / "main.py", LWDETR_MAIN)
-    doctor = run_python(["-m", "shims", "doctor", script], cwd=tmp_path, timeout=120,
-                        env=clean_env(SHIMS_PATCHES="detr"))
-    assert json.loads(doctor.stdout.strip().splitlines()[0])["params"] == ["torch.float16"]  # the bug, observed
-    with open(script) as f:
-        call_line = next(i for i, line in enumerate(f, 1) if "= evaluate(" in line)
-    printed = doctor.stdout + doctor.stderr
-    assert f"main.py:{call_line}" in printed and "fp16-eval-half" in printed
-
-
-@pytest.mark.slow
-def test_lwdetr_layout_script_under_shims_run(tmp_path):
-    """Also where the CPU has no float16 kernel: the patched evaluation needs none."""
-    write(tmp_path / "engine.py", LWDETR_ENGINE)
-    script = write(tmp_path / "main.py", LWDETR_MAIN)
-    report = tmp_path / "receipt.json"
-    proc = run_python(["-m", "shims", "run", script], cwd=tmp_path, timeout=120,
-                      env=clean_env(SHIMS_PATCHES="detr", SHIMS_REPORT=report))
-    fixed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert fixed == {"params": ["torch.float32"], "seen": ["torch.float32", "torch.float32"], "flag_after": True}
-    record = json.loads(report.read_text())["patches"]["detr"]
-    assert record["targets"]["engine:evaluate"]["status"] == "applied"
-    assert record["counters"]["evaluations_converted"] == 1
-
-
-# ---------------------------------------------------------------- real rfdetr 1.5.2
 
 
 @pytest.fixture(scope="module")
@@ -612,47 +415,6 @@ def rfdetr_unpatched(rfdetr_setup):
     return model, optimizer, recorder, failed
 
 
-@pytest.mark.slow
-def test_rfdetr_unpatched_fp16_eval_leaves_model_half(rfdetr_unpatched):
-    model, optimizer, _, _ = rfdetr_unpatched
-    assert {p.dtype for p in model.parameters()} == {torch.float16}
-    assert optimizer.param_groups[0]["params"][0].dtype == torch.float16
-
-
-@pytest.mark.slow
-def test_rfdetr_unpatched_fp16_eval_builds_a_graph_and_deviates(rfdetr_setup, rfdetr_unpatched):
-    _, _, recorder, failed = rfdetr_unpatched
-    if failed:
-        pytest.skip(failed)  # test_rfdetr_patched_keeps_model_and_matches_float32 shows the patched path needs none
-    assert recorder.graph_built  # rfdetr's evaluate has no no_grad
-    assert max_deviation(recorder.batches, rfdetr_setup["float32_outputs"]) > 0
-
-
-@pytest.mark.slow
-def test_rfdetr_patched_keeps_model_and_matches_float32(rfdetr_setup):
-    import rfdetr.engine
-    import rfdetr.main
-    model, optimizer = fresh_rfdetr(rfdetr_setup)
-    before, opt_before = state_copy(model), optimizer_state_copy(optimizer)
-    enable_detr(modules=())
-    targets = detr_record()["targets"]
-    assert targets["rfdetr.engine:evaluate"]["status"] == "applied"
-    assert targets["rfdetr.main:evaluate"]["status"] == "applied"
-    stats, recorder, seen = run_rfdetr(rfdetr_setup, model, evaluate=rfdetr.main.evaluate)  # main's own binding
-    assert_state_unchanged(model, before)
-    assert_optimizer_unchanged(optimizer, opt_before)
-    assert not recorder.graph_built
-    assert max_deviation(recorder.batches, rfdetr_setup["float32_outputs"]) == 0.0  # bitwise on CPU
-    assert seen == {torch.float32}
-    assert len(stats["coco_eval_bbox"]) == 12 and all(-1 <= v <= 1 for v in stats["coco_eval_bbox"])
-    record = detr_record()
-    assert record["counters"]["evaluations_converted"] == 1 and record["version"] == "1.5.2"
-    assert any("rfdetr/engine.py:" in note and "model.half()" in note for note in record["notes"])
-    assert any("samples.tensors = samples.tensors.half()" in note for note in record["notes"])
-    shims.disable()
-    assert rfdetr.engine.evaluate is rfdetr_setup["original"] and rfdetr.main.evaluate is rfdetr_setup["original"]
-
-
 @pytest.fixture(scope="module")
 def rfdetr_next_step(rfdetr_setup):
     """The loss and parameters of the next training step of a run that never evaluated."""
@@ -714,42 +476,3 @@ def test_rfdetr_fixed_upstream_from_1_6(rfdetr_setup, monkeypatch):
     shims.disable()
     enable_detr(modules=())
     assert detr_record()["targets"]["rfdetr.engine:evaluate"]["status"] == "applied"
-
-
-def test_reference_evaluation_that_raises_leaves_model_as_it_was(reference_setup):
-    def failing_loader():
-        yield reference_setup["batches"][0]
-        raise RuntimeError("data loader failed")
-
-    model, _ = fresh_reference(reference_setup)
-    before = state_copy(model)
-    enable_detr(dtype=CPU_AUTOCAST_DTYPE)
-    module = importlib.import_module(REFERENCE)
-    with pytest.raises(RuntimeError, match="data loader failed"):
-        module.evaluate(model, ref.FirstQueryCriterion(), {"bbox": ref.BoxPostProcess()}, failing_loader(),
-                        reference_setup["coco"], "cpu", Args(fp16_eval=True))
-    assert_state_unchanged(model, before)
-    assert "forward" not in model.__dict__  # the autocast forward is gone with the evaluation
-    assert detr_record()["counters"]["forwards_autocast"] == 1
-
-
-def test_other_changes_to_the_model_are_reported(tmp_path, monkeypatch):
-    write(tmp_path / "detr_shape_double.py", """
-        import torch
-        @torch.no_grad()
-        def evaluate(model, data, args):
-            if args.fp16_eval:
-                model.half()
-            model.double()
-            return [model(x.double()) for x in data]
-        """)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    module = importlib.import_module("detr_shape_double")
-    try:
-        enable_detr(modules=("detr_shape_double",))
-        model = torch.nn.Linear(3, 2)
-        module.evaluate(model, [torch.rand(1, 3)], Args(fp16_eval=True))
-        notes = detr_record()["notes"]
-        assert any("changed 2 model tensor(s) anyway" in note for note in notes), notes
-    finally:
-        sys.modules.pop("detr_shape_double", None)

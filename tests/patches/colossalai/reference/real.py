@@ -12,7 +12,7 @@ precision mixins, the grad scalers), with small stand-ins for the rest:
 Package `__init__` files are not run (they import the whole framework): the packages are empty modules whose
 `__path__` points at the unpacked sources. Nothing here is copied into the repository.
 
-    python -m tests.colossalai_reference.real SCENARIOS.json OUT_DIR SDIST_CACHE     (one gloo rank; see worker.py)
+    python -m tests.patches.colossalai.reference.real SCENARIOS.json OUT_DIR SDIST_CACHE  (one gloo rank; see worker.py)
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def run_scenario(scenario, rank, world, cache_dir):
 
     import shims
     from shims import engine
-    from tests.colossalai_reference import vqgan
+    from tests.patches.colossalai.reference import vqgan
     engine.reset()
     module = install(fetch(scenario["version"], cache_dir))
     if scenario["shims"] != "off":

@@ -1,12 +1,12 @@
-"""doctr-style fit_one_epoch as upstream fixed it (PR #1862): one forward per step."""
+"""DDP variant (train_pytorch_ddp.py up to v0.11.0): device argument, no log callback, dead forward."""
 
 import torch
 from tqdm.auto import tqdm
 
-from tests.doctr_loops._amp import autocast, grad_scaler
+from tests.patches.doctr.loops._amp import autocast, grad_scaler
 
 
-def fit_one_epoch(model, train_loader, batch_transforms, optimizer, scheduler, amp=False, log=None):
+def fit_one_epoch(model, device, train_loader, batch_transforms, optimizer, scheduler, amp=False):
     if amp:
         scaler = grad_scaler()
 
@@ -14,9 +14,10 @@ def fit_one_epoch(model, train_loader, batch_transforms, optimizer, scheduler, a
     epoch_loss, steps = 0.0, 0
     progress = tqdm(train_loader, dynamic_ncols=True, disable=True)
     for images, targets in progress:
-        if torch.cuda.is_available():
-            images = images.cuda()
+        images = images.to(device)
         images = batch_transforms(images)
+
+        train_loss = model(images, targets)["loss"]
 
         optimizer.zero_grad()
         if amp:
@@ -37,7 +38,6 @@ def fit_one_epoch(model, train_loader, batch_transforms, optimizer, scheduler, a
         last_lr = scheduler.get_last_lr()[0]
 
         progress.set_description(f"Training loss: {train_loss.item():.6} | LR: {last_lr:.6}")
-        log(train_loss=train_loss.item(), lr=last_lr)
 
         epoch_loss += train_loss.item()
         steps += 1

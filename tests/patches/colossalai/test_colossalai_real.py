@@ -1,10 +1,11 @@
 """colossalai patch against the real ColossalAI LowLevelZeroOptimizer: 0.3.6 (buggy) and 0.3.7 (upstream's fix).
 
 The sdists are fetched once with `pip download colossalai==V --no-deps` into $COLOSSALAI_SDIST_CACHE (default
-~/.cache/shims-tests/colossalai) and imported with CPU stand-ins for the accelerator (tests/colossalai_reference/
-real.py); nothing is installed. Without network access to PyPI the tests skip and say so.
+~/.cache/shims-tests/colossalai) and imported with CPU stand-ins for the accelerator
+(tests/patches/colossalai/reference/real.py); nothing is installed. Without network access to PyPI the tests skip
+and say so.
 2 gloo ranks, ZeRO-2 (partition_grad=True, reduce-scatter), bucket of 40 elements, the VQGAN loss of
-tests/colossalai_reference/vqgan.py, 3 steps. Expected: 0.3.6 unpatched crashes on a None gradient (issue #5601);
+reference/vqgan.py, 3 steps. Expected: 0.3.6 unpatched crashes on a None gradient (issue #5601);
 0.3.6 patched, 0.3.7 as released, and the single-process reference all end with bitwise-equal parameters.
 On older torches: 0.3.7 calls register_post_accumulate_grad_hook (torch 2.1+), so its scenarios are left out where
 that hook does not exist; where gloo has no reduce_scatter (torch < ~2.6) the ranks stand in for it with all_reduce
@@ -19,9 +20,9 @@ import os
 import pytest
 import torch
 
-from conftest import clean_env
-from tests import colossalai_reference as ref
-from tests.colossalai_reference import real
+from tests.conftest import clean_env
+from tests.patches.colossalai import reference as ref
+from tests.patches.colossalai.reference import real
 
 CACHE = os.environ.get("COLOSSALAI_SDIST_CACHE") or os.path.expanduser("~/.cache/shims-tests/colossalai")
 # colossalai 0.3.7 (upstream's fix) attaches its hooks with register_post_accumulate_grad_hook, which torch 2.1 added
@@ -53,7 +54,7 @@ def runs(tmp_path_factory):
                  for name, (v, s, a) in SCENARIOS.items() if name in names]
     path = out / "scenarios.json"
     path.write_text(json.dumps(scenarios))
-    results = ref.run_ranks(["tests.colossalai_reference.real", str(path), str(out), CACHE], clean_env(),
+    results = ref.run_ranks(["tests.patches.colossalai.reference.real", str(path), str(out), CACHE], clean_env(),
                             timeout=240)
     for rank, (code, stdout, stderr) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}\n{stdout[-2000:]}\n{stderr[-4000:]}"

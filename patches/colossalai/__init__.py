@@ -14,10 +14,12 @@ Bug      A tensor hook also fires for `torch.autograd.grad(loss, param)`, which 
 Fix      LowLevelZero, as PR #5596 did: a post-accumulate-grad hook instead (it fires once per backward, after
          `.grad` is updated, and never for autograd.grad), and `zero_grad()` empties the bucket store.
          Gemini (no upstream fix): its tensor hook lets the gradient pass through untouched and defers the reduction
-         to the post-accumulate-grad hook of the same backward (`shims.gradhooks.defer_until_accumulated`), so
+         to the post-accumulate-grad hook of the same backward (`gradhooks.defer_until_accumulated`), so
          autograd.grad callers get the real gradient and reduction happens in backward only.
-The work: `reduce_after_accumulation(original, ctx)`, which picks one of the three replacements below.
-Detect mode (`observe_hook_firings`) counts hook firings outside backward and repeated within one; changes nothing.
+The work: one replacement per target (`TARGETS` at the end pairs each with its fingerprint and observer):
+`attach_post_accumulate_hooks`, `zero_grad_emptying_bucket`, `defer_gemini_reduction`.
+Detect mode (`observe_attach`, `observe_zero_grad`, `observe_gemini_hook`) counts hook firings outside backward and
+repeated within one; changes nothing.
 Instances built while patched keep their hooks after shims.disable() (the class attributes are restored).
 Docs: docs/patches/colossalai.md (hook semantics table, versions, how it is verified).
 """
@@ -29,16 +31,9 @@ GEMINI_MODULE = "colossalai.zero.gemini.gemini_ddp"
 LOW_LEVEL_SUPPORTED = ">=0.3.1,<0.3.7"  # 0.3.1-0.3.6: `_grad_handler(self, param, group_id, grad)` via register_hook
 LOW_LEVEL_FIXED_IN = "0.3.7"  # PR #5596, commit 3788fefc
 
-ATTACH = "LowLevelZeroOptimizer._attach_reduction_hook"
-ZERO_GRAD = "LowLevelZeroOptimizer.zero_grad"
-GEMINI_HOOK = "GeminiDDP.grad_handle"
-
-# per target: LowLevelZero was fixed upstream in 0.3.7, GeminiDDP never was. Torch 2.0 has no post-accumulate-grad
-# hook: shims.gradhooks uses the gradient-accumulator node there (as DeepSpeed and Megatron did before 2.1)
+# Torch 2.0 has no post-accumulate-grad hook: gradhooks uses the gradient-accumulator node there (as DeepSpeed and
+# Megatron did before 2.1)
 TORCH_RANGE = ">=2.0"
-TARGETS = (Target(LOW_LEVEL_MODULE, ATTACH, supported=LOW_LEVEL_SUPPORTED, fixed_in=LOW_LEVEL_FIXED_IN),
-           Target(LOW_LEVEL_MODULE, ZERO_GRAD, supported=LOW_LEVEL_SUPPORTED, fixed_in=LOW_LEVEL_FIXED_IN),
-           Target(GEMINI_MODULE, GEMINI_HOOK))
 
 
 def _function(original):
@@ -58,29 +53,28 @@ def _source(func):
         raise Skip(f"cannot read the source of {getattr(func, '__qualname__', func)!r}: {exc}") from None
 
 
-def fingerprint(original):
-    """None when `original` has the shape this patch was written for, else why not (or Skip: fixed upstream)."""
+def attach_fingerprint(original):
+    """`_attach_reduction_hook` registers `self._grad_handler` with `param.register_hook` (0.3.1-0.3.6)."""
+    source = _source(_function(original))
+    if "register_post_accumulate_grad_hook" in source:
+        raise Skip("_attach_reduction_hook already registers post-accumulate-grad hooks (upstream PR #5596)",
+                   status="fixed-upstream")
+    if ".register_hook(" not in source or "self._grad_handler" not in source:
+        raise Skip("_attach_reduction_hook does not register self._grad_handler with param.register_hook")
+
+
+def zero_grad_fingerprint(original):
+    """`zero_grad` does not empty the bucket store yet (PR #5596 added `reset_all` there)."""
+    if "reset_all" in _source(_function(original)):
+        raise Skip("zero_grad already resets the bucket store (upstream PR #5596)", status="fixed-upstream")
+
+
+def gemini_fingerprint(original):
+    """`grad_handle` takes the parameter `p` and the gradient `grad`."""
     import inspect
-    func = _function(original)
-    name = getattr(func, "__name__", "")
-    if name == "_attach_reduction_hook":
-        source = _source(func)
-        if "register_post_accumulate_grad_hook" in source:
-            raise Skip("_attach_reduction_hook already registers post-accumulate-grad hooks (upstream PR #5596)",
-                       status="fixed-upstream")
-        if ".register_hook(" not in source or "self._grad_handler" not in source:
-            return "_attach_reduction_hook does not register self._grad_handler with param.register_hook"
-        return None
-    if name == "zero_grad":
-        if "reset_all" in _source(func):
-            raise Skip("zero_grad already resets the bucket store (upstream PR #5596)", status="fixed-upstream")
-        return None
-    if name == "grad_handle":
-        params = inspect.signature(func).parameters
-        if "p" not in params or "grad" not in params:
-            return f"grad_handle{inspect.signature(func)} has no `p` and `grad` parameters"
-        return None
-    return f"unexpected target {getattr(func, '__qualname__', func)!r}"
+    params = inspect.signature(_function(original)).parameters
+    if "p" not in params or "grad" not in params:
+        raise Skip(f"grad_handle{inspect.signature(_function(original))} has no `p` and `grad` parameters")
 
 
 def _low_level_checks(ctx):
@@ -108,32 +102,17 @@ def _gemini_checks(ctx):
 
 # ---------------------------------------------------------------- fix mode
 
-def reduce_after_accumulation(original, ctx):
-    """The replacement for one target: a hook that fires once per accumulated gradient (see the module docstring)."""
-    qualname = ctx.target.qualname
-    if qualname == ATTACH:
-        _low_level_checks(ctx)
-        return attach_post_accumulate_hooks(original, ctx)
-    if qualname == ZERO_GRAD:
-        _low_level_checks(ctx)
-        return zero_grad_emptying_bucket(original, ctx)
-    if qualname == GEMINI_HOOK:
-        _gemini_checks(ctx)
-        return defer_gemini_reduction(original, ctx)
-    raise Skip(f"no replacement for {qualname!r}")
-
-
 def attach_post_accumulate_hooks(original, ctx):
     """`_attach_reduction_hook` as PR #5596 changed it: the same parameters, each with a post-accumulate-grad hook."""
     from functools import partial
+    _low_level_checks(ctx)
 
-    from shims import gradhooks
+    from shims.patches.colossalai import gradhooks
     from shims.patch import wrap
-    record = ctx.record
     ctx.note(f"gradient-ready signal: {gradhooks.post_accumulate_mechanism()}")
 
     def hand_gradient_to_colossalai(optimizer, group_id, param):
-        record.count("post_accumulate_hook_calls")
+        ctx.count("post_accumulate_hook_calls")
         # upstream's own handler: it checks no_sync (require_grad_sync) and appends the parameter to the bucket
         optimizer._grad_handler(param, group_id, param.grad)
 
@@ -150,10 +129,10 @@ def attach_post_accumulate_hooks(original, ctx):
                 handle.remove()
             if ctx.strict:
                 raise
-            record.count("fallbacks_to_tensor_hooks")
+            ctx.count("fallbacks_to_tensor_hooks")
             ctx.note(f"fell back to upstream's tensor hooks: {type(exc).__name__}: {exc}")
             return wrapped(*args, **kwargs)
-        record.count("post_accumulate_hooks_attached", len(handles))
+        ctx.count("post_accumulate_hooks_attached", len(handles))
         return None
 
     return wrap(original, attach_accumulated_hooks)
@@ -172,6 +151,7 @@ def zero_grad_emptying_bucket(original, ctx):
     """`zero_grad` followed by emptying the bucket store, as PR #5596 added: parameters queued before zero_grad
     would otherwise be flushed with `.grad = None`."""
     from shims.patch import wrap
+    _low_level_checks(ctx)
 
     def zero_grad_then_empty(wrapped, self, args, kwargs):
         result = wrapped(*args, **kwargs)
@@ -185,16 +165,16 @@ def defer_gemini_reduction(original, ctx):
     """GeminiDDP's tensor hook, made a pass-through that hands the reduction to the post-accumulate-grad hook.
 
     The tensor hook cannot tell backward from torch.autograd.grad; the post-accumulate-grad hook fires in backward
-    only, right after the same AccumulateGrad node, in the same graph task (see shims.gradhooks). So the tensor hook
+    only, right after the same AccumulateGrad node, in the same graph task (see gradhooks.py). So the tensor hook
     arms the reduction, and `reduce_accumulated` runs Gemini's own handler on the accumulated `param.grad`.
     """
     import inspect
     from functools import partial
 
-    from shims import gradhooks
+    from shims.patches.colossalai import gradhooks
+    _gemini_checks(ctx)
     func = _function(original)
     signature = inspect.signature(func)
-    record = ctx.record
     ctx.note(f"gradient-ready signal: {gradhooks.post_accumulate_mechanism()}")
 
     def reduce_accumulated(arguments, param):
@@ -203,10 +183,10 @@ def defer_gemini_reduction(original, ctx):
         func(*bound.args, **bound.kwargs)
         # the gradient now lives in Gemini's chunk; upstream left a freed tensor in .grad until _post_backward
         param.grad = None
-        record.count("gradients_reduced")
+        ctx.count("gradients_reduced")
 
     def grad_handle(*args, **kwargs):
-        record.count("tensor_hook_calls")
+        ctx.count("tensor_hook_calls")
         try:
             bound = signature.bind(*args, **kwargs)
             param = bound.arguments["p"]
@@ -216,7 +196,7 @@ def defer_gemini_reduction(original, ctx):
         except Exception as exc:  # noqa: BLE001 - fall back to upstream's behaviour rather than break training
             if ctx.strict:
                 raise
-            record.count("fallbacks_to_tensor_hook")
+            ctx.count("fallbacks_to_tensor_hook")
             ctx.note(f"ran upstream's tensor hook instead: {type(exc).__name__}: {exc}")
             return func(*args, **kwargs)
         return None  # the gradient passes through untouched: an autograd.grad caller gets the real one
@@ -230,7 +210,7 @@ def defer_gemini_reduction(original, ctx):
 # ---------------------------------------------------------------- detect mode
 
 def _audit(ctx, original):
-    from shims import gradhooks
+    from shims.patches.colossalai import gradhooks
     where = _where(original)
 
     def outside_backward(param, n):
@@ -266,67 +246,82 @@ def _observed_call(ctx, original, call):
         raise
 
 
-def observe_hook_firings(original, ctx):
-    """Observe-only: the same hooks, counted; a finding when one fires outside backward or twice in one."""
+def observe_attach(original, ctx):
+    """Observe-only `_attach_reduction_hook`: upstream's tensor hooks, each firing audited."""
     from shims.patch import wrap
-    qualname = ctx.target.qualname
-    if qualname == ATTACH:
-        _low_level_checks(ctx)
-        audit = _audit(ctx, original)
+    _low_level_checks(ctx)
+    audit = _audit(ctx, original)
 
-        def attach_observed(wrapped, self, args, kwargs):
-            handler = self._grad_handler
+    def attach_observed(wrapped, self, args, kwargs):
+        handler = self._grad_handler
 
-            def observed_handler(param, group_id, grad):
-                audit.fired(param)
-                return _observed_call(ctx, original, lambda: handler(param, group_id, grad))
+        def observed_handler(param, group_id, grad):
+            audit.fired(param)
+            return _observed_call(ctx, original, lambda: handler(param, group_id, grad))
 
-            # upstream binds self._grad_handler into each hook: shadow it on the instance while it does
-            self.__dict__["_grad_handler"] = observed_handler
-            try:
-                return wrapped(*args, **kwargs)
-            finally:
-                self.__dict__.pop("_grad_handler", None)
+        # upstream binds self._grad_handler into each hook: shadow it on the instance while it does
+        self.__dict__["_grad_handler"] = observed_handler
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_grad_handler", None)
 
-        return wrap(original, attach_observed)
-    if qualname == ZERO_GRAD:
-        _low_level_checks(ctx)
-        where = _where(original)
+    return wrap(original, attach_observed)
 
-        def zero_grad_observed(wrapped, self, args, kwargs):
-            result = wrapped(*args, **kwargs)
-            store = getattr(self, "_bucket_store", None)
-            queued = store.num_elements_in_bucket() if hasattr(store, "num_elements_in_bucket") else 0
-            if queued:
-                ctx.finding("stale-bucket", f"zero_grad() left {queued} gradient elements queued for reduction; "
-                            "their .grad is now None and the next flush will fail on it", where=where,
-                            fix="SHIMS_MODE=fix with the colossalai patch (or colossalai >= 0.3.7)")
-            return result
 
-        return wrap(original, zero_grad_observed)
-    if qualname == GEMINI_HOOK:
-        _gemini_checks(ctx)
-        import inspect
-        func = _function(original)
-        signature = inspect.signature(func)
-        audit = _audit(ctx, original)
+def observe_zero_grad(original, ctx):
+    """Observe-only `zero_grad`: a finding when it leaves gradients queued for reduction."""
+    from shims.patch import wrap
+    _low_level_checks(ctx)
+    where = _where(original)
 
-        def grad_handle(*args, **kwargs):
-            audit.fired(signature.bind(*args, **kwargs).arguments["p"])
-            return _observed_call(ctx, original, lambda: func(*args, **kwargs))
+    def zero_grad_observed(wrapped, self, args, kwargs):
+        result = wrapped(*args, **kwargs)
+        store = getattr(self, "_bucket_store", None)
+        queued = store.num_elements_in_bucket() if hasattr(store, "num_elements_in_bucket") else 0
+        if queued:
+            ctx.finding("stale-bucket", f"zero_grad() left {queued} gradient elements queued for reduction; "
+                        "their .grad is now None and the next flush will fail on it", where=where,
+                        fix="SHIMS_MODE=fix with the colossalai patch (or colossalai >= 0.3.7)")
+        return result
 
-        grad_handle.__qualname__ = func.__qualname__
-        return staticmethod(grad_handle) if isinstance(original, staticmethod) else grad_handle
-    raise Skip(f"no observer for {qualname!r}")
+    return wrap(original, zero_grad_observed)
+
+
+def observe_gemini_hook(original, ctx):
+    """Observe-only `GeminiDDP.grad_handle`: upstream's hook, each firing audited."""
+    import inspect
+    _gemini_checks(ctx)
+    func = _function(original)
+    signature = inspect.signature(func)
+    audit = _audit(ctx, original)
+
+    def grad_handle(*args, **kwargs):
+        audit.fired(signature.bind(*args, **kwargs).arguments["p"])
+        return _observed_call(ctx, original, lambda: func(*args, **kwargs))
+
+    grad_handle.__qualname__ = func.__qualname__
+    return staticmethod(grad_handle) if isinstance(original, staticmethod) else grad_handle
+
+
+# per target: its ranges (LowLevelZero was fixed upstream in 0.3.7, GeminiDDP never was), its shape check, its
+# replacement and its observer
+TARGETS = (
+    Target(LOW_LEVEL_MODULE, "LowLevelZeroOptimizer._attach_reduction_hook", supported=LOW_LEVEL_SUPPORTED,
+           fixed_in=LOW_LEVEL_FIXED_IN, fingerprint=attach_fingerprint, replace=attach_post_accumulate_hooks,
+           detect=observe_attach),
+    Target(LOW_LEVEL_MODULE, "LowLevelZeroOptimizer.zero_grad", supported=LOW_LEVEL_SUPPORTED,
+           fixed_in=LOW_LEVEL_FIXED_IN, fingerprint=zero_grad_fingerprint, replace=zero_grad_emptying_bucket,
+           detect=observe_zero_grad),
+    Target(GEMINI_MODULE, "GeminiDDP.grad_handle", fingerprint=gemini_fingerprint, replace=defer_gemini_reduction,
+           detect=observe_gemini_hook),
+)
 
 
 PATCH = Patch(
     name="colossalai",
     summary="reduce each accumulated gradient once, not on torch.autograd.grad calls (ColossalAI #5601, PR #5596)",
-    targets=TARGETS,
-    replace=reduce_after_accumulation,
-    detect=observe_hook_firings,
-    fingerprint=fingerprint,
+    targets=TARGETS,  # each brings its own fingerprint, replace and detect
     distribution="colossalai",
     torch=TORCH_RANGE,
     docs="docs/patches/colossalai.md",

@@ -1,12 +1,12 @@
-"""DDP variant (train_pytorch_ddp.py up to v0.11.0): device argument, no log callback, dead forward."""
+"""doctr-style fit_one_epoch with the dead forward (as in references/recognition/train_pytorch.py up to v0.11.0)."""
 
 import torch
 from tqdm.auto import tqdm
 
-from tests.doctr_loops._amp import autocast, grad_scaler
+from tests.patches.doctr.loops._amp import autocast, grad_scaler
 
 
-def fit_one_epoch(model, device, train_loader, batch_transforms, optimizer, scheduler, amp=False):
+def fit_one_epoch(model, train_loader, batch_transforms, optimizer, scheduler, amp=False, log=None):
     if amp:
         scaler = grad_scaler()
 
@@ -14,7 +14,8 @@ def fit_one_epoch(model, device, train_loader, batch_transforms, optimizer, sche
     epoch_loss, steps = 0.0, 0
     progress = tqdm(train_loader, dynamic_ncols=True, disable=True)
     for images, targets in progress:
-        images = images.to(device)
+        if torch.cuda.is_available():
+            images = images.cuda()
         images = batch_transforms(images)
 
         train_loss = model(images, targets)["loss"]
@@ -38,6 +39,7 @@ def fit_one_epoch(model, device, train_loader, batch_transforms, optimizer, sche
         last_lr = scheduler.get_last_lr()[0]
 
         progress.set_description(f"Training loss: {train_loss.item():.6} | LR: {last_lr:.6}")
+        log(train_loss=train_loss.item(), lr=last_lr)
 
         epoch_loss += train_loss.item()
         steps += 1

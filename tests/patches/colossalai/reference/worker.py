@@ -1,6 +1,6 @@
 """One gloo rank: run each scenario (reference reducer x shims mode x loss), save what happened.
 
-    python -m tests.colossalai_reference.worker SCENARIOS.json OUT_DIR      (MASTER_ADDR/PORT, RANK, WORLD_SIZE set)
+    python -m tests.patches.colossalai.reference.worker SCENARIOS.json OUT_DIR  (MASTER_ADDR/PORT, RANK, WORLD_SIZE)
 
 A scenario: {"name", "wrapper": "low_level"|"gemini", "shims": "off"|"fix"|"detect", "zero": "stage2"|"overlap",
 "adaptive": bool, "micro_batches": int, "two_backwards": bool, "steps": int, "bucket": int}.
@@ -26,8 +26,8 @@ def run_scenario(scenario, rank, world):
     from shims import engine
 
     import shims
-    from tests import colossalai_reference as ref
-    from tests.colossalai_reference import vqgan
+    from tests.patches.colossalai import reference as ref
+    from tests.patches.colossalai.reference import vqgan
     engine.reset()
     modules = ref.install_as_upstream()
     if scenario["shims"] != "off":

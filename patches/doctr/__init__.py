@@ -3,11 +3,11 @@
 Target   doctr's recognition training scripts, `references/recognition/train_pytorch.py` and `train_pytorch_ddp.py`,
          from PR #604 (2021-11, commit 250a3cb064) to b73d998765 (2025-01-28): python-doctr <= 0.11.0 and forks.
 Bug      `train_loss = model(images, targets)["loss"]` runs before `optimizer.zero_grad()` and its result is overwritten
-         by the real forward in the amp / else branch: one wasted forward per step (1.33x step time on vitstr_small),
+         by the real forward in the amp / else branch: one wasted forward per step (its cost: docs/patches/doctr.md),
          dropout RNG drawn twice and BatchNorm statistics updated twice per step (doctr issue #1861).
 Upstream fix: PR #1862, commit 183cf65a52 (first release v0.12.0), which deletes that one statement.
-The patch deletes the same statement, found by a rule (shims.deadstore), not by line number: a function that does
-not match exactly is left untouched and the receipt says why. Docs: docs/patches/doctr.md.
+The patch deletes the same statement, found by a rule (deadstore.py, beside this file), not by line number: a
+function that does not match exactly is left untouched and the receipt says why. Docs: docs/patches/doctr.md.
 
 The scripts are not in the python-doctr wheel, so the targets are user code: the script being run (`__main__`, or
 `__mp_main__` in DDP spawn children) and the modules named by SHIMS_DOCTR_MODULES.
@@ -27,18 +27,16 @@ def _targets(options):
 
 def _analyse(func):
     """(FunctionDef, filename, dead forwards, refusals) for `func`; raises Skip when it cannot be read."""
-    from shims import deadstore, rewrite
+    from shims.patches.doctr import deadstore, rewrite
     node, filename = rewrite.function_ast(func)
     found, refused = deadstore.find_dead_forwards(node)
     return node, filename, found, refused
 
 
 def fingerprint(func):
-    """None when `func` has at least one dead forward the rule can remove, else the reason to leave it alone."""
-    try:
-        _, _, found, refused = _analyse(func)
-    except Skip as skip:
-        return str(skip)
+    """None when `func` has at least one dead forward the rule can remove; raises Skip with the reason otherwise
+    ("fixed-upstream" when nothing in it even looks like one: the shape of the upstream fix)."""
+    _, _, found, refused = _analyse(func)  # raises Skip when the source cannot be read
     if found:
         return None
     detail = "; ".join(refused) if refused else "no statement assigns a call of a parameter that is then overwritten"
@@ -49,12 +47,10 @@ def fingerprint(func):
 def remove_dead_forward(original, ctx):
     """The replacement: `original` without its dead forward statements; each removal is counted when it would run."""
     import ast
-    from shims import rewrite
+    from shims.patches.doctr import rewrite
     node, filename, found, _ = _analyse(original)
-    counter = ctx.record
-
     def forward_removed():
-        counter.count("forwards_removed")
+        ctx.count("forwards_removed")
 
     dead = {id(d.node) for d in found}
 
@@ -76,7 +72,7 @@ def remove_dead_forward(original, ctx):
 
 def detect_dead_forward(original, ctx):
     """Observe-only: report each dead forward with its place; change nothing."""
-    from shims import deadstore, rewrite
+    from shims.patches.doctr import deadstore, rewrite
     node, filename = rewrite.function_ast(original)
     found, _ = deadstore.find_dead_forwards(node)
     for d in found:
@@ -84,8 +80,8 @@ def detect_dead_forward(original, ctx):
                     f"{original.__qualname__} runs {d.callee}(...) into `{d.name}`, overwritten on every path by line "
                     f"{d.killed_at} before any read: one extra forward per step (and a second dropout draw / BatchNorm "
                     "update)",
-                    where=f"{filename}:{d.lineno}", cost="one full forward per step (1.33x step time on doctr "
-                    "vitstr_small, batch 16, 32x128, CPU)", fix="SHIMS_MODE=fix with the doctr patch (default)")
+                    where=f"{filename}:{d.lineno}", cost="one full forward per step (measured: docs/patches/doctr.md)",
+                    fix="SHIMS_MODE=fix with the doctr patch (default)")
     return None
 
 

@@ -1,8 +1,8 @@
 """The gradhooks suite again, on the mechanism torch 2.0 has: hooks on the parameter's AccumulateGrad node.
 
-torch 2.0 has no `Tensor.register_post_accumulate_grad_hook`; shims.gradhooks then hooks the gradient accumulator
+torch 2.0 has no `Tensor.register_post_accumulate_grad_hook`; gradhooks then hooks the gradient accumulator
 node, as DeepSpeed and Megatron did before torch 2.1. Here the method is removed from torch.Tensor for each test, and
-every test of tests/test_gradhooks.py runs unchanged: the same semantics (once per backward, after accumulation,
+every test of test_gradhooks.py runs unchanged: the same semantics (once per backward, after accumulation,
 never for torch.autograd.grad) must hold. The matrix runs the same tests on a real torch 2.0.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shims import gradhooks
-from tests import test_gradhooks as suite
+from shims.patches.colossalai import gradhooks
+from tests.patches.colossalai import test_gradhooks as suite
 
 
 @pytest.fixture(autouse=True)
