@@ -279,6 +279,19 @@ class Engine:
                 self.receipt.write(path)
         except Exception as exc:  # noqa: BLE001 - never fail the user's exit
             sys.stderr.write(f"[shims] could not write the receipt: {exc}\n")
+        finally:
+            self._let_scripts_go()
+
+    def _let_scripts_go(self):
+        """Hold nothing of a script's globals after the receipt is written: without shims, the interpreter's teardown
+        of `__main__` runs the `__del__` of its module-level objects, which a reference from here would prevent."""
+        with self._lock:
+            self._main_tried = {}
+            for key, applied in list(self.applied.items()):
+                if applied.is_dict:  # a script's namespace (MAIN targets)
+                    del self.applied[key]
+            for watch in self._watches:
+                watch.stop()
 
     def _did_anything(self):
         """A child that reached no target (a resource tracker, an idle worker) writes no report of its own."""
