@@ -20,7 +20,8 @@ def enable(patches=None, *, disable=None, mode=None, strict=None, report=None, l
     report: path of the JSON receipt written at exit; log: logging level name; options: {"SHIMS_DOCTR_FUNCTIONS":
     "fit_one_epoch,train_epoch"} or {"doctr_functions": [...]}. Returns the receipt, as shims.status() does.
     """
-    from shims import _boot, config
+    from shims import config
+    from shims.startup import _boot
     overrides = config.overrides_from_arguments(patches=patches, disable=disable, mode=mode, strict=strict,
                                                 report=report, log=log, options=options)
     _boot.start(overrides)

@@ -17,7 +17,7 @@ from shims.patch import MAIN, Context, Skip
 from shims.receipt import Receipt
 
 MAIN_MODULES = ("__main__", "__mp_main__")  # a script run directly, and the same script in a spawn child
-BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "startup", "bootstrap")
 
 
 class _Applied:
@@ -254,7 +254,7 @@ class Engine:
         with self._lock:
             if not self.active or not self._main_targets:
                 return None
-            from shims import mainwatch
+            from shims.startup import mainwatch
             watch = mainwatch.start(self, path=path, frame=frame)
             if watch is not None:
                 self._watches.append(watch)
@@ -329,6 +329,6 @@ def reset():
     global _ENGINE
     if _ENGINE is not None:
         _ENGINE.disable()
-    from shims import mainwatch
+    from shims.startup import mainwatch
     mainwatch._WATCHED.clear()
     _ENGINE = None

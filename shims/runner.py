@@ -1,6 +1,6 @@
 """Running scripts with shims: `python -m shims run script.py ARGS`, and the processes a patched run starts.
 
-Children inherit SHIMS_* variables and `shims/bootstrap` on PYTHONPATH (config.export_for_children), so their
+Children inherit SHIMS_* variables and `shims/startup/bootstrap` on PYTHONPATH (config.export_for_children), so their
 `sitecustomize` calls `boot_child()`: enable from the environment, then reach the script's functions in whichever way
 the child runs it (a torchrun worker runs it as a file; a multiprocessing spawn child runs it through
 `runpy.run_path(path, run_name="__mp_main__")`).
@@ -15,13 +15,13 @@ import sys
 def run_script(path, args):
     """Run `path` as __main__ with sys.argv = [path, *args], as `python path args` would, with patches enabled."""
     import runpy
-    from shims import _boot
+    from shims.startup import _boot
     if not os.path.isfile(path):
         raise SystemExit(f"shims run: no such script: {path!r}")
     engine = _boot.start()
     sys.argv = [path, *args]
     sys.path[0] = os.path.dirname(os.path.abspath(path))
-    from shims import mainwatch
+    from shims.startup import mainwatch
     mainwatch.run_path(engine, path, run_name="__main__", fallback=runpy.run_path)
 
 
@@ -56,7 +56,7 @@ def _wrap_run_path(engine):
 
     def run_path(path_name, init_globals=None, run_name=None):
         if run_name in ("__mp_main__", "__main__") and engine.active:
-            from shims import mainwatch
+            from shims.startup import mainwatch
             return mainwatch.run_path(engine, path_name, init_globals, run_name, fallback=original)
         return original(path_name, init_globals, run_name)
 
@@ -71,8 +71,8 @@ def _wrap_run_path(engine):
 
 
 def boot_child():
-    """Called by shims/bootstrap/sitecustomize.py in processes started by a patched run."""
-    from shims import _boot
+    """Called by shims/startup/bootstrap/sitecustomize.py in processes started by a patched run."""
+    from shims.startup import _boot
     engine = _boot.start()
     if engine is None or not engine.active or not engine._main_targets:
         return

@@ -93,7 +93,7 @@ def compiled():
     # whether shims runs the script compiled (its watch of the script is a CompiledWatch)
     import os
     main = sys.modules["__main__"]
-    watched = getattr(sys.modules.get("shims.mainwatch"), "_WATCHED", {})
+    watched = getattr(sys.modules.get("shims.startup.mainwatch"), "_WATCHED", {})
     path = getattr(main, "__file__", None)
     return path is not None and type(watched.get(os.path.realpath(path))).__name__ == "CompiledWatch"
 """

@@ -1,7 +1,7 @@
 """`import shims.auto` is invisible to the script: cases where it once was not, each compared with the plain script.
 
 Each script runs three times, on this Python and on pyenv's 3.9, 3.10, 3.11 and 3.12 where installed, with line 1
-`pass` (plain), `import shims.auto` (on 3.9-3.11 the rest of the script runs compiled: shims/takeover.py) and
+`pass` (plain), `import shims.auto` (on 3.9-3.11 the rest of the script runs compiled: shims/startup/takeover.py) and
 `if True: import shims.auto` (the traced fallback on 3.9-3.11: mainwatch.ScriptWatch); exit status, stdout and stderr
 must be identical, and the two shims runs must have reached the script's `fit_one_epoch` (one forward, not two).
 What stays visible, and why, is listed in docs/startup.md.
@@ -10,6 +10,7 @@ What stays visible, and why, is listed in docs/startup.md.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 import time
@@ -154,28 +155,40 @@ def test_python_dash_m_with_both_streams_in_one_pipe(which, tmp_path):
 
 
 def _interactive(which, tmp_path, startup):
-    """Python's prompt on a pseudo-terminal, with PYTHONSTARTUP=startup: everything it printed."""
+    """Python's prompt on a pseudo-terminal, with PYTHONSTARTUP=startup: everything it printed. Each line is typed
+    once the prompt shows (the terminal echoes typing at once: typed early, it would land elsewhere in the output)."""
     import pty
-    python = python_for(which)
     env = env_for(which, tmp_path, PYTHONSTARTUP=startup, STARTUP_SIDE=tmp_path / "side.txt")
     main, child = pty.openpty()
-    proc = subprocess.Popen([python, "-q"], stdin=child, stdout=child, stderr=child, env=env, cwd=str(tmp_path),
-                            close_fds=True)
+    proc = subprocess.Popen([python_for(which), "-q"], stdin=child, stdout=child, stderr=child, env=env,
+                            cwd=str(tmp_path), close_fds=True)
     os.close(child)
-    os.write(main, b"print('at the prompt', 6 * 7)\n")
-    time.sleep(1)
-    os.write(main, b"exit()\n")
     out = b""
-    while True:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
-    proc.wait(60)
-    os.close(main)
+
+    def read_until(marker, seconds=60):
+        nonlocal out
+        deadline = time.monotonic() + seconds
+        while marker not in out and time.monotonic() < deadline:
+            if not select.select([main], [], [], 0.5)[0]:
+                continue
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # the child closed the terminal
+                return
+            if not chunk:
+                return
+            out += chunk
+
+    try:
+        read_until(b">>> ")
+        os.write(main, b"print('at the prompt', 6 * 7)\n")
+        read_until(b"at the prompt 42\r\n>>> ")
+        os.write(main, b"exit()\n")
+        read_until(b"\0")  # to the end
+        proc.wait(60)
+    finally:
+        proc.kill()
+        os.close(main)
     return proc.returncode, out.decode(errors="replace").replace("\r\n", "\n")
 
 

@@ -1,4 +1,4 @@
-"""`import shims.auto` is free on every Python (shims/takeover.py, docs/startup.md).
+"""`import shims.auto` is free on every Python (shims/startup/takeover.py, docs/startup.md).
 
 On 3.9-3.11 the first-line import runs the rest of the script compiled, with no tracer, and ends the script's original
 execution as the script's own end would. The main check runs each script twice, with `import shims.auto` on line 1

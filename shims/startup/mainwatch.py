@@ -14,7 +14,7 @@ Two mechanisms:
                code object only; on 3.9-3.11, a trace of the script's module frame, during which every Python call
                pays for the global trace hook (measured: importing torch and doctr took about 1.2 s longer, once
                per process). Either is removed as soon as the targets are handled. On 3.9-3.11 a first-line
-               `import shims.auto` avoids it: shims/takeover.py runs the rest of the script compiled, and the
+               `import shims.auto` avoids it: shims/startup/takeover.py runs the rest of the script compiled, and the
                watch is only its fallback (docs/startup.md).
 If a trace function is already set (a debugger, coverage), shims does not replace it: the receipt says so.
 """
@@ -217,18 +217,19 @@ def _top_level_blocks():
 
 def _insert_hooks(body, expected, inserted):
     """After each `def NAME` (NAME expected) in a top-level statement list, and in the bodies of top-level compound
-    statements (`if`, `try`, `with`), add `__import__("shims.mainwatch").mainwatch.defined("NAME")` on the def's
-    own line (`__import__` of a loaded module only looks it up in sys.modules)."""
+    statements (`if`, `try`, `with`), add on the def's own line
+        __import__("shims.startup.mainwatch").startup.mainwatch.defined("NAME")
+    (`__import__` of a loaded module only looks it up in sys.modules; the script's globals gain no name)."""
     import ast
     out = []
     for stmt in body:
         out.append(stmt)
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
             if stmt.name in expected:
-                shims = ast.Call(func=ast.Name(id="__import__", ctx=ast.Load()),
-                                 args=[ast.Constant("shims.mainwatch")], keywords=[])
-                hook = ast.Attribute(value=ast.Attribute(value=shims, attr="mainwatch", ctx=ast.Load()),
-                                     attr="defined", ctx=ast.Load())
+                hook = ast.Call(func=ast.Name(id="__import__", ctx=ast.Load()),
+                                args=[ast.Constant(__name__)], keywords=[])  # the package `shims`
+                for attr in __name__.split(".")[1:] + ["defined"]:
+                    hook = ast.Attribute(value=hook, attr=attr, ctx=ast.Load())
                 call = ast.Call(func=hook, args=[ast.Constant(stmt.name)], keywords=[])
                 out.append(ast.fix_missing_locations(ast.copy_location(ast.Expr(value=call), stmt)))
                 inserted.add(stmt.name)

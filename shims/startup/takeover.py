@@ -95,7 +95,7 @@ class Takeover:
 
     def run(self):
         """Run the rest of the script, then end its original execution as its own end would. Never returns."""
-        from shims import mainwatch
+        from shims.startup import mainwatch
         namespace = self.frame.f_globals
         watch = mainwatch.CompiledWatch(self.engine, self.path)
         mainwatch._WATCHED[os.path.realpath(self.path)] = watch
@@ -279,7 +279,7 @@ def _display(exc_type, value, tb):
 
 def _why_not(engine, frame, importer):
     """None when the takeover may run, else why not (a sentence), or "" when there is nothing to say."""
-    from shims import mainwatch
+    from shims.startup import mainwatch
     if frame is None or importer is not frame:
         return "shims.auto is not imported by the script's module code itself (another module or a function)"
     if frame.f_globals.get("__name__") != "__main__":
@@ -326,7 +326,7 @@ def _compile_rest(engine, frame):
 
 def _compile_rest_quietly(engine, frame):
     import ast
-    from shims import mainwatch
+    from shims.startup import mainwatch
     path = frame.f_code.co_filename
     try:
         with open(path, "rb") as f:
