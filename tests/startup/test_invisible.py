@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import select
 import subprocess
-import sys
 import time
 
 import pytest
@@ -205,7 +204,3 @@ def test_a_pythonstartup_file_importing_shims_auto_leaves_the_prompt(which, tmp_
     assert results["plain"][0] == 0 and "at the prompt 42" in results["plain"][1]
     assert results["takeover"] == results["plain"] and results["fallback"] == results["plain"]
 
-
-def test_the_variants_have_the_same_line_numbers():
-    assert {v.count("\n") for v in VARIANTS.values()} == {0}
-    assert sys.version_info >= (3, 9)

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 
 from tests.conftest import write
-from tests.startup.conftest import ALL, FIRST_LINES, INTERPRETERS, PROBE, SCRIPT, run, side, write_case
+from tests.startup.conftest import ALL, FIRST_LINES, PROBE, SCRIPT, run, side, write_case
 
 ENDINGS = {
     "normal end": 'print("last line")',
