@@ -4,15 +4,18 @@ When the import is a top-level statement of the script that the interpreter itse
 `python -m pkg.train`, `coverage run train.py`), the statements from that import on are compiled with one call after
 each target's `def` (mainwatch's hooks: same file name, same line numbers) and run here, in the script's own globals.
 The script's original execution then ends the way its own end would:
-    normal end     stdout/stderr flushed, `__file__` dropped as the interpreter does, then a clean SystemExit:
-                   status 0, non-daemon threads joined and atexit handlers run by the same interpreter shutdown
+    normal end     where the interpreter runs the file: stdout/stderr flushed and `__file__` dropped as it does;
+                   then a clean SystemExit: status 0, non-daemon threads joined and atexit handlers run by the
+                   same interpreter shutdown
     sys.exit(n)    the SystemExit propagates unchanged (status, message)
     an exception   it propagates unchanged (status 1; KeyboardInterrupt still ends the process by SIGINT), and the
                    traceback sys.excepthook prints is the script's own: the `import shims.auto` line and shims'
-                   frames are cut out of it
-The statements before the import have run once and are not run again. Everything else (a debugger owning the trace
-function, `python -i`, -c or stdin, an import inside `if`/`try`/a function/another module, a launcher that runs the
-script through runpy and goes on afterwards, a file changed since Python read it) falls back to mainwatch's watch.
+                   frames are cut out of it (a missing or failing hook: the interpreter's own words)
+Meanwhile other threads may import shims.auto (its module lock is released), and a debugger or profiler the script
+starts is handed on past the script's end without seeing shims' frames. The statements before the import have run
+once and are not run again. Everything else (a debugger owning the trace function, `python -i`, a PYTHONSTARTUP
+file, -c or stdin, an import inside `if`/`try`/a function/another module, a launcher that runs the script through
+runpy and goes on afterwards, a file changed since Python read it) falls back to mainwatch's watch.
 On 3.12+ mainwatch's sys.monitoring watch is already free, and this module is not used.
 """
 
@@ -204,9 +207,9 @@ def _end_like_the_script(namespace, runner):
             getattr(sys, name).flush()
         except Exception:  # noqa: BLE001 - a closed stream is the script's business, as without shims
             pass
-    if runner == "interpreter":  # CPython removes the `__file__` and `__cached__` it set when the script returns
-        namespace.pop("__file__", None)
-        namespace.pop("__cached__", None)
+    # and removes the `__file__` and `__cached__` it set
+    namespace.pop("__file__", None)
+    namespace.pop("__cached__", None)
     raise SystemExit  # status 0; interpreter shutdown (threads, atexit) as after the script's last line
 
 
