@@ -105,13 +105,16 @@ STEPS = {  # pdb commands after `breakpoint()`: step past the script's last line
 }
 
 
-def compare(which, tmp_path, body, *, args=None, stdin=None, merge=False, name="train.py"):
+def compare(which, tmp_path, body, *, args=None, stdin=None, merge=False, name="train.py", variants=None):
     """Run the three variants; assert they end alike; return the plain run's (status, stdout, stderr)."""
     results, forwards = {}, {}
-    for variant, first in VARIANTS.items():
+    for variant, first in (variants or VARIANTS).items():
         folder = tmp_path / variant
         script = write(folder / name, TEMPLATE.format(first=first, body=body.strip("\n")))
-        proc = run(which, args or [script], folder, stdin=stdin, merge=merge, STARTUP_SIDE=folder / "side.txt")
+        for helper, text in (args or {}).items() if isinstance(args, dict) else ():
+            write(folder / helper, text)
+        argv = [str(folder / list(args)[0]), script] if isinstance(args, dict) else args or [script]
+        proc = run(which, argv, folder, stdin=stdin, merge=merge, STARTUP_SIDE=folder / "side.txt")
         results[variant] = tuple(str(x).replace(str(folder), "<dir>")
                                  for x in (proc.returncode, proc.stdout, proc.stderr))
         with open(folder / "side.txt") as f:
@@ -134,6 +137,33 @@ def test_the_script_sees_no_difference(which, case, tmp_path):
         lines = TEMPLATE.format(first="pass", body=CASES[case].strip("\n")).splitlines()
         call, warn = lines.index("f()") + 1, lines.index('    warnings.warn("where am I")') + 1
         assert f'train.py", line {call}, in <module>\n    f()' in err and f"train.py:{warn}: UserWarning" in err
+
+
+LAUNCHER = """
+import runpy, sys, traceback
+try:
+    runpy.run_path(sys.argv[1], run_name="__main__")
+except ValueError:
+    traceback.print_exc()
+print("the launcher goes on")
+"""
+
+
+@pytest.mark.parametrize("fallback", ["a launcher that goes on after the script", "a file edited before the import"])
+@pytest.mark.parametrize("which", ALL)
+def test_module_line_numbers_after_the_traced_watch_of_every_fallback(which, fallback, tmp_path):
+    """Each reason for the traced watch (3.9-3.11), against the plain script run the same way."""
+    body = CASES["line numbers of module code after the watch"]
+    call = TEMPLATE.format(first="pass", body=body.strip("\n")).splitlines().index("f()") + 1
+    if fallback == "a launcher that goes on after the script":
+        status, out, err = compare(which, tmp_path, body, args={"launcher.py": LAUNCHER})
+        assert out.endswith("the launcher goes on\n") and f'line {call}, in <module>\n    f()' in err
+    else:
+        edit = "open(__file__, 'a').write('# appended' + chr(10)); "
+        variants = {"plain": edit + "pass", "takeover": edit + "import shims.auto",
+                    "fallback": edit + "__import__('shims.auto')"}  # not an import statement: traced
+        status, out, err = compare(which, tmp_path, body, variants=variants)
+        assert f'line {call}, in <module>\n    f()' in err
 
 
 @pytest.mark.parametrize("steps", list(STEPS))
