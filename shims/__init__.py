@@ -32,7 +32,8 @@ def enable(patches: Union[str, Iterable[str], None] = None, *, disable: Union[st
     A bad value raises ShimsConfigError naming the argument it came from (`shims.enable(patches=[...])`), before
     anything is patched.
     """
-    from shims import _boot, config
+    from shims import config
+    from shims.startup import _boot
     overrides, shown = config.overrides_from_arguments(patches=patches, disable=disable, mode=mode, strict=strict,
                                                        report=report, log=log, options=options)
     _boot.start(overrides, shown)

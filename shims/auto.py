@@ -5,7 +5,7 @@ target module is imported, or, for a function the script defines (doctr's fit_on
 A bad SHIMS_* variable raises shims.ShimsConfigError here, before anything is patched.
 """
 
-from shims import _boot
+from shims.startup import _boot
 
 _engine = _boot.start()
 _boot.reach_script(_engine)  # on 3.9-3.11 this may run the rest of the script itself: docs/startup.md

@@ -18,7 +18,7 @@ from shims import receipt
 from shims.receipt import Receipt
 
 MAIN_MODULES = ("__main__", "__mp_main__")  # a script run directly, and the same script in a spawn child
-BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bootstrap")
+BOOTSTRAP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "startup", "bootstrap")
 
 
 class _Applied:
@@ -315,7 +315,7 @@ class Engine:
         with self._lock:
             if not self.active or not self._main_targets:
                 return None
-            from shims import mainwatch
+            from shims.startup import mainwatch
             watch = mainwatch.start(self, path=path, frame=frame)
             if watch is not None:
                 self._watches.append(watch)
@@ -340,6 +340,19 @@ class Engine:
                 self.receipt.write(path)
         except Exception as exc:  # noqa: BLE001 - never fail the user's exit
             sys.stderr.write(f"[shims] could not write the receipt: {exc}\n")
+        finally:
+            self._let_scripts_go()
+
+    def _let_scripts_go(self):
+        """Hold nothing of a script's globals after the receipt is written: without shims, the interpreter's teardown
+        of `__main__` runs the `__del__` of its module-level objects, which a reference from here would prevent."""
+        with self._lock:
+            self._main_tried = {}
+            for key, applied in list(self.applied.items()):
+                if applied.is_dict:  # a script's namespace (MAIN targets)
+                    del self.applied[key]
+            for watch in self._watches:
+                watch.stop()
 
     def _did_anything(self):
         """A child that reached no target (a resource tracker, an idle worker) writes no report of its own."""
@@ -385,6 +398,6 @@ def reset():
     global _ENGINE
     if _ENGINE is not None:
         _ENGINE.disable()
-    from shims import mainwatch
+    from shims.startup import mainwatch
     mainwatch._WATCHED.clear()
     _ENGINE = None

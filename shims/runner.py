@@ -1,6 +1,6 @@
 """Running scripts with shims: `python -m shims run script.py ARGS`, and the processes a patched run starts.
 
-Children inherit SHIMS_* variables and `shims/bootstrap` on PYTHONPATH (config.export_for_children), so their
+Children inherit SHIMS_* variables and `shims/startup/bootstrap` on PYTHONPATH (config.export_for_children), so their
 `sitecustomize` calls `boot_child()`: enable from the environment, then reach the script's functions in whichever way
 the child runs it (a torchrun worker runs it as a file; a multiprocessing spawn child runs it through
 `runpy.run_path(path, run_name="__mp_main__")`).
@@ -150,9 +150,9 @@ def _bare_main_module():
 
 def _script_code(engine, path):
     """(code, globals to add, stop) for a script: compiled with the calls that hand its target functions to the
-    engine right after their `def` (shims/mainwatch.py: no tracer) where it defines any; otherwise as Python
+    engine right after their `def` (shims/startup/mainwatch.py: no tracer) where it defines any; otherwise as Python
     compiles it (a SyntaxError is raised as Python reports it)."""
-    from shims import mainwatch
+    from shims.startup import mainwatch
     key = os.path.realpath(path)
     if engine is not None and engine.active and engine.main_names() \
             and not isinstance(mainwatch._WATCHED.get(key), mainwatch.ScriptWatch):
@@ -161,7 +161,7 @@ def _script_code(engine, path):
             watch = mainwatch.CompiledWatch(engine, path)
             mainwatch._WATCHED[key] = watch
             engine._watches.append(watch)
-            return code, {mainwatch.HOOK_NAME: watch.defined}, watch.stop
+            return code, {}, watch.stop
     with open(path, "rb") as f:
         source = f.read()
     return compile(source, path, "exec", dont_inherit=True), {}, None
@@ -174,7 +174,7 @@ def _run_file(engine, path, args):
     sys.argv = [path, *args]
     if os.path.isdir(path) or not os.path.isfile(path) or path.endswith((".pyz", ".zip")):
         import runpy
-        from shims import mainwatch
+        from shims.startup import mainwatch
         sys.path[0] = absolute  # a directory or zip is its own sys.path[0], as with `python dir`
         mainwatch.run_path(engine, absolute, run_name="__main__", fallback=runpy.run_path)
         return
@@ -218,7 +218,7 @@ def run_command(words, replace_process=True):
     Another program replaces this process (`replace_process`, as ddtrace-run does: its pid, signals and exit status
     are the program's own), or runs as a child whose exit status is returned (negative: killed by that signal).
     Raises CommandError when nothing can start."""
-    from shims import _boot
+    from shims.startup import _boot
     what = plan(words)
     engine = _boot.start()
     if what[0] == "exec":
@@ -309,7 +309,7 @@ def _wrap_run_path(engine):
 
     def run_path(path_name, init_globals=None, run_name=None):
         if run_name in ("__mp_main__", "__main__") and engine.active:
-            from shims import mainwatch
+            from shims.startup import mainwatch
             return mainwatch.run_path(engine, path_name, init_globals, run_name, fallback=original)
         return original(path_name, init_globals, run_name)
 
@@ -324,8 +324,8 @@ def _wrap_run_path(engine):
 
 
 def boot_child():
-    """Called by shims/bootstrap/sitecustomize.py in processes started by a patched run."""
-    from shims import _boot
+    """Called by shims/startup/bootstrap/sitecustomize.py in processes started by a patched run."""
+    from shims.startup import _boot
     engine = _boot.start()
     if engine is None or not engine.active or not engine._main_targets:
         return

@@ -105,7 +105,7 @@ def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_packag
                                                 wheel.name.split("-")[1] + ".dist-info"}
     for patch in ("doctr", "detr", "ddp", "colossalai"):
         assert f"shims/patches/{patch}.py" in names
-    assert "shims/bootstrap/sitecustomize.py" in names
+    assert "shims/startup/bootstrap/sitecustomize.py" in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
                     str(target), str(wheel)], check=True, capture_output=True, timeout=300)

@@ -204,7 +204,7 @@ def test_scripts_are_watched_with_sys_monitoring_on_python_312_and_later(minor, 
            "PYTHONNOUSERSITE": "1"}
     if how == "booted-child":  # what config.export_for_children leaves for a child process
         env.update({"SHIMS__BOOT": "1", "SHIMS__PARENT_PID": "1",
-                    "PYTHONPATH": os.pathsep.join([str(root / "shims" / "bootstrap"), str(root)])})
+                    "PYTHONPATH": os.pathsep.join([str(root / "shims" / "startup" / "bootstrap"), str(root)])})
     proc = subprocess.run([python, script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -213,8 +213,8 @@ def test_scripts_are_watched_with_sys_monitoring_on_python_312_and_later(minor, 
 
 
 def test_import_shims_auto_on_this_python_runs_the_script_with_no_tracer(tmp_path):
-    """3.9-3.11: the rest of the script runs compiled (shims/takeover.py); 3.12+: sys.monitoring. Details and the
-    fallbacks: tests/test_startup.py."""
+    """3.9-3.11: the rest of the script runs compiled (shims/startup/takeover.py); 3.12+: sys.monitoring. Details
+    and the fallbacks: tests/startup/."""
     script = write(tmp_path / "train.py", WATCHED_SCRIPT.format(first_line="import shims.auto"))
     out = run_python([script], env=clean_env(SHIMS_PATCHES="doctr"))
     result = json.loads(out.stdout.strip().splitlines()[-1])

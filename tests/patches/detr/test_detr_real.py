@@ -12,8 +12,9 @@ import torch
 import shims
 from tests.conftest import clean_env, run_python, write
 from tests.patches.detr.test_detr import (  # rfdetr_setup, rfdetr_unpatched: fixtures
-    assert_optimizer_unchanged, assert_state_unchanged, cpu_float16_missing, detr_record, enable_detr, fresh_rfdetr,
-    max_deviation, optimizer_state_copy, ref, rfdetr_setup, rfdetr_unpatched, run_rfdetr, state_copy)
+    CPU_AUTOCAST_FLOAT16_MISSING, REFERENCE, assert_optimizer_unchanged, assert_state_unchanged, cpu_float16_missing,
+    detr_record, enable_detr, float16_autocast_bound, fresh_rfdetr, max_deviation, optimizer_state_copy, ref,
+    rfdetr_setup, rfdetr_unpatched, run_rfdetr, state_copy)
 
 
 LWDETR_ENGINE = """
@@ -134,3 +135,39 @@ def test_rfdetr_patched_keeps_model_and_matches_float32(rfdetr_setup):
     assert any("samples.tensors = samples.tensors.half()" in note for note in record["notes"])
     shims.disable()
     assert rfdetr.engine.evaluate is rfdetr_setup["original"] and rfdetr.main.evaluate is rfdetr_setup["original"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CPU_AUTOCAST_FLOAT16_MISSING is not None, reason=str(CPU_AUTOCAST_FLOAT16_MISSING))
+def test_rfdetr_float16_autocast_within_tolerance(rfdetr_setup):
+    model, _ = fresh_rfdetr(rfdetr_setup)
+    bound = float16_autocast_bound(model, [samples for samples, _ in rfdetr_setup["loader"]],
+                                   rfdetr_setup["float32_outputs"])
+    before = state_copy(model)
+    enable_detr(modules=(), dtype="float16")
+    _, recorder, seen = run_rfdetr(rfdetr_setup, model)
+    deviation = max_deviation(recorder.batches, rfdetr_setup["float32_outputs"])
+    assert_state_unchanged(model, before)
+    assert not recorder.graph_built and seen == {torch.float32}
+    assert 0 < deviation <= bound, (deviation, bound)  # > 0: the forward really ran in float16 autocast
+
+
+@pytest.mark.slow
+def test_rfdetr_fixed_upstream_from_1_6(rfdetr_setup, monkeypatch):
+    """rfdetr >= 1.6 cannot be installed beside 1.5.2: the installed version is faked (shims.versions.installed)."""
+    import rfdetr.engine
+    from shims import versions
+    real = versions.installed
+    monkeypatch.setattr(versions, "installed", lambda name: "1.11.0" if name == "rfdetr" else real(name))
+    enable_detr(modules=(REFERENCE,))
+    targets = detr_record()["targets"]
+    for name in ("rfdetr.engine:evaluate", "rfdetr.main:evaluate"):
+        assert targets[name]["status"] == "fixed-upstream" and "1.11.0 >= 1.6" in targets[name]["reason"]
+    assert rfdetr.engine.evaluate is rfdetr_setup["original"]
+    assert targets[f"{REFERENCE}:evaluate"]["status"] == "applied"  # user LW-DETR code has no rfdetr version
+    shims.disable()
+    shims.enable(patches=["detr"], strict=True, options={"SHIMS_DETR_MODULES": ""})  # fixed upstream: no raise
+    monkeypatch.setattr(versions, "installed", lambda name: "1.5.2" if name == "rfdetr" else real(name))
+    shims.disable()
+    enable_detr(modules=())
+    assert detr_record()["targets"]["rfdetr.engine:evaluate"]["status"] == "applied"

@@ -14,7 +14,7 @@ Two mechanisms:
                code object only; on 3.9-3.11, a trace of the script's module frame, during which every Python call
                pays for the global trace hook (measured: importing torch and doctr took about 1.2 s longer, once
                per process). Either is removed as soon as the targets are handled. On 3.9-3.11 a first-line
-               `import shims.auto` avoids it: shims/takeover.py runs the rest of the script compiled, and the
+               `import shims.auto` avoids it: shims/startup/takeover.py runs the rest of the script compiled, and the
                watch is only its fallback (docs/startup.md).
 If a trace function is already set (a debugger, coverage), shims does not replace it: the receipt says so.
 """
@@ -80,8 +80,9 @@ class ScriptWatch:
         elif event == "return":
             self._check()
             self.stop()
-            return None
-        return self._local
+        # once stopped, None: CPython 3.9 stores a returned function back as the frame's f_trace, and a frame with an
+        # f_trace reports the line number the tracer saw last (tracebacks and warnings of module code would name it)
+        return self._local if self.active else None
 
     def _check(self):
         if not self.active:
@@ -177,7 +178,15 @@ def _unmonitor(watch):
 
 
 _WATCHED = {}  # real path -> ScriptWatch or CompiledWatch
-HOOK_NAME = "__shims_defined__"  # put in the script's globals by run_path; called after each target's `def`
+
+
+def defined(*names):
+    """Called by a compiled script right after each target's `def` (the call `_insert_hooks` adds): hand its globals
+    to the watch of that file. Reached through `__import__`, so the script's globals gain no name of shims."""
+    frame = sys._getframe(1)
+    watch = _WATCHED.get(os.path.realpath(frame.f_code.co_filename))
+    if isinstance(watch, CompiledWatch):
+        watch.defined(frame.f_globals, names)
 
 
 class CompiledWatch:
@@ -188,11 +197,10 @@ class CompiledWatch:
         self.active = True
         self.frame = None
 
-    def defined(self, *names):
+    def defined(self, namespace, names):
         if not self.active:
             return
         try:
-            namespace = sys._getframe(1).f_globals
             self.engine.apply_in_namespace(namespace, namespace.get("__name__", "__main__"))
         except Exception as exc:  # noqa: BLE001 - never crash the user's script
             from shims._log import logger
@@ -209,15 +217,20 @@ def _top_level_blocks():
 
 def _insert_hooks(body, expected, inserted):
     """After each `def NAME` (NAME expected) in a top-level statement list, and in the bodies of top-level compound
-    statements (`if`, `try`, `with`), add `__shims_defined__("NAME")` on the def's own line."""
+    statements (`if`, `try`, `with`), add on the def's own line
+        __import__("shims.startup.mainwatch").startup.mainwatch.defined("NAME")
+    (`__import__` of a loaded module only looks it up in sys.modules; the script's globals gain no name)."""
     import ast
     out = []
     for stmt in body:
         out.append(stmt)
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
             if stmt.name in expected:
-                call = ast.Call(func=ast.Name(id=HOOK_NAME, ctx=ast.Load()), args=[ast.Constant(stmt.name)],
-                                keywords=[])
+                hook = ast.Call(func=ast.Name(id="__import__", ctx=ast.Load()),
+                                args=[ast.Constant(__name__)], keywords=[])  # the package `shims`
+                for attr in __name__.split(".")[1:] + ["defined"]:
+                    hook = ast.Attribute(value=hook, attr=attr, ctx=ast.Load())
+                call = ast.Call(func=hook, args=[ast.Constant(stmt.name)], keywords=[])
                 out.append(ast.fix_missing_locations(ast.copy_location(ast.Expr(value=call), stmt)))
                 inserted.add(stmt.name)
             continue
@@ -264,7 +277,6 @@ def run_path(engine, path_name, init_globals=None, run_name=None, fallback=None)
             _WATCHED[key] = watch
             engine._watches.append(watch)
             run_globals = dict(init_globals or {})
-            run_globals[HOOK_NAME] = watch.defined
             name = "<run_path>" if run_name is None else run_name
             try:
                 return run_code(code, run_globals, name, pkg_name=name.rpartition(".")[0], script_name=path_name)

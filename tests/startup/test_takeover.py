@@ -1,4 +1,4 @@
-"""`import shims.auto` is free on every Python (shims/takeover.py, docs/startup.md).
+"""`import shims.auto` is free on every Python (shims/startup/takeover.py, docs/startup.md).
 
 On 3.9-3.11 the first-line import runs the rest of the script compiled, with no tracer, and ends the script's original
 execution as the script's own end would. The main check runs each script twice, with `import shims.auto` on line 1
@@ -10,101 +10,15 @@ PYTHONPATH (no torch needed: the doctr patch rewrites a stand-in loop).
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from conftest import REPO, SOURCE, TESTS, clean_env, write
-
-TIMEOUT = 120
-FIRST_LINES = {"shims": "import shims.auto", "bare": "pass"}
-
-
-def _interpreters():
-    found = {"this": sys.executable}
-    for minor in ("3.9", "3.10", "3.12"):
-        if sys.version.startswith(minor + "."):
-            continue
-        for candidate in sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{minor}.*/bin/python"))):
-            found[minor] = candidate
-            break
-    return found
-
-
-INTERPRETERS = _interpreters()
-ALL = list(INTERPRETERS)
-
-
-def _site_for(python, tmp_path):
-    """PYTHONPATH entries that make shims importable by `python` from the source checkout: the checkout, plus
-    shims' pure-Python dependencies linked from this interpreter when `python` lacks them."""
-    entries = [REPO, TESTS]
-    if python == sys.executable:
-        return entries
-    entries = [SOURCE, TESTS]  # the matrix stages tests/ without the sources (conftest.SOURCE)
-    missing = subprocess.run([python, "-c", "import importlib.util as u; print(' '.join(n for n in "
-                              "('wrapt', 'packaging') if u.find_spec(n) is None))"],
-                             capture_output=True, text=True, timeout=TIMEOUT).stdout.split()
-    if missing:
-        site = tmp_path / "deps"
-        site.mkdir(exist_ok=True)
-        for name in missing:
-            try:
-                module = __import__(name)
-            except ImportError:
-                pytest.skip(f"{name} is importable neither by {python} nor by the test interpreter")
-            link = site / name
-            if not link.exists():
-                os.symlink(os.path.dirname(module.__file__), link)  # wrapt falls back to pure Python elsewhere
-        entries.append(str(site))
-    return entries
-
-
-def run(which, args, tmp_path, *, stdin=None, cwd=None, extra_path=(), **extra):
-    python = INTERPRETERS.get(which)
-    if python is None:
-        pytest.skip(f"no Python {which} interpreter on this machine (looked in ~/.pyenv)")
-    env = clean_env(SHIMS_PATCHES="doctr", **extra)
-    env["PYTHONPATH"] = os.pathsep.join([*_site_for(python, tmp_path), *extra_path])
-    env.pop("PYTHONUNBUFFERED", None)  # as a user runs it: stdout block-buffered into the pipe
-    return subprocess.run([python, *args], env=env, input=stdin, cwd=cwd or str(tmp_path), capture_output=True,
-                          text=True, timeout=TIMEOUT)
-
-
-# the module the script imports: was a tracer running while the script's imports ran?
-PROBE = """
-import sys
-def nested():
-    return sys.gettrace()
-TRACED = sys.gettrace() is not None or nested() is not None
-"""
-
-# line 1 is FIRST; the doctr-shaped loop makes shims reach the script (a stand-in model counts forwards); what the
-# run was like goes to a side file, so stdout and stderr are the script's own
-SCRIPT = """{first}
-import atexit, json, os, sys, threading
-import startup_probe
-
-
-def fit_one_epoch(model, loader):
-    for x in loader:
-        loss = model(x)
-        loss = model(x)
-    return loss
-
-
-calls = []
-fit_one_epoch(lambda x: calls.append(x) or x, [1, 2, 3])
-with open(os.environ["STARTUP_SIDE"], "w") as f:
-    json.dump({{"traced": startup_probe.TRACED, "tracer_after": sys.gettrace() is not None,
-               "compiled": "__shims_defined__" in globals(), "forwards": len(calls)}}, f)
-{ending}
-"""
+from tests.conftest import write
+from tests.startup.conftest import ALL, FIRST_LINES, PROBE, SCRIPT, run, side, write_case
 
 ENDINGS = {
     "normal end": 'print("last line")',
@@ -143,15 +57,6 @@ ENDINGS = {
 }
 
 
-def _write_case(tmp_path, first, ending, name="train.py"):
-    write(tmp_path / "startup_probe.py", PROBE)
-    return write(tmp_path / name, SCRIPT.format(first=first, ending=ending))
-
-
-def _side(tmp_path):
-    with open(tmp_path / "side.json") as f:
-        return json.load(f)
-
 
 @pytest.mark.parametrize("ending", list(ENDINGS))
 @pytest.mark.parametrize("which", ALL)
@@ -160,11 +65,11 @@ def test_the_script_behaves_exactly_as_without_shims_and_runs_with_no_tracer(whi
     for variant, first in FIRST_LINES.items():
         folder = tmp_path / variant
         folder.mkdir()
-        script = _write_case(tmp_path / variant, first, ENDINGS[ending])
+        script = write_case(tmp_path / variant, first, ENDINGS[ending])
         proc = run(which, [script], folder, STARTUP_SIDE=folder / "side.json")
         stderr = proc.stderr.replace(str(folder), "<dir>")
         results[variant] = (proc.returncode, proc.stdout.replace(str(folder), "<dir>"), stderr)
-        results[variant + " side"] = _side(folder)
+        results[variant + " side"] = side(folder)
     assert results["shims"] == results["bare"], f"with shims: {results['shims']}\nwithout: {results['bare']}"
     assert results["bare side"]["forwards"] == 6
     if ending != "exception in the loop":
@@ -180,7 +85,7 @@ def test_breakpoint_in_the_script_stops_there_and_the_script_ends_as_without_shi
     for variant, first in FIRST_LINES.items():
         folder = tmp_path / variant
         folder.mkdir()
-        script = _write_case(folder, first, "breakpoint()\nprint('after the breakpoint')")
+        script = write_case(folder, first, "breakpoint()\nprint('after the breakpoint')")
         proc = run(which, [script], folder, stdin="p 'in pdb', __name__, len(calls) > 0\ncontinue\n",
                    STARTUP_SIDE=folder / "side.json")
         outputs[variant] = (proc.returncode, proc.stdout.replace(str(folder), "<dir>"), proc.stderr)
@@ -193,11 +98,11 @@ def test_python_dash_m_behaves_as_without_shims(tmp_path):
     for variant, first in FIRST_LINES.items():
         folder = tmp_path / variant
         folder.mkdir()
-        script = _write_case(folder, first, "print(__name__, __spec__.name)\nraise ValueError('from -m')")
+        script = write_case(folder, first, "print(__name__, __spec__.name)\nraise ValueError('from -m')")
         proc = run("this", ["-m", "train"], folder, STARTUP_SIDE=folder / "side.json")
         outputs[variant] = (proc.returncode, proc.stdout, proc.stderr.replace(str(folder), "<dir>"))
     assert outputs["shims"] == outputs["bare"]
-    assert _side(tmp_path / "shims")["compiled"] is (sys.version_info < (3, 12))
+    assert side(tmp_path / "shims")["compiled"] is (sys.version_info < (3, 12))
     with open(script) as f:
         line = f.read().splitlines().index("raise ValueError('from -m')") + 1
     assert f'File "<dir>/train.py", line {line}, in <module>' in outputs["shims"][2]
@@ -214,27 +119,14 @@ def test_the_forms_of_the_import_bind_their_names_and_run_each_statement_once(fi
     head = "import sys\nONCE = []\nshims_not_bound = lambda: 'shims' not in globals()\nprint('head ran')\n"
     if first.startswith("from __future__"):
         head = ""
-    script = _write_case(tmp_path, head + first, "print('once', ONCE) if 'ONCE' in globals() else None")
+    script = write_case(tmp_path, head + first, "print('once', ONCE) if 'ONCE' in globals() else None")
     proc = run("this", [script], tmp_path, STARTUP_SIDE=tmp_path / "side.json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("head ran") == (1 if head else 0)
     if "ONCE.append" in first:
         assert "once [1]" in proc.stdout
-    assert _side(tmp_path) == {"traced": False, "tracer_after": False, "compiled": sys.version_info < (3, 12),
+    assert side(tmp_path) == {"traced": False, "tracer_after": False, "compiled": sys.version_info < (3, 12),
                                "forwards": 3}
-
-
-def test_a_thread_importing_shims_auto_while_the_script_runs_does_not_wait_for_its_end(tmp_path):
-    ending = textwrap.dedent("""
-        done = []
-        worker = threading.Thread(target=lambda: (__import__("shims.auto"), done.append(1)), daemon=True)
-        worker.start()
-        worker.join(20)
-        print("thread imported shims.auto:", done == [1])
-    """)
-    script = _write_case(tmp_path, "import shims.auto", ending)
-    proc = run("this", [script], tmp_path, STARTUP_SIDE=tmp_path / "side.json")
-    assert "thread imported shims.auto: True" in proc.stdout, proc.stderr
 
 
 # ---------------------------------------------------------------- fallbacks: each keeps today's behaviour
@@ -245,7 +137,7 @@ REASON = "[shims DEBUG] import shims.auto: the rest of the script is not run com
 def _fallback(tmp_path, first, *, args=None, stdin=None, ending="print('end')", which="this", files=None):
     for name, text in (files or {}).items():
         write(tmp_path / name, text)
-    script = _write_case(tmp_path, first, ending)
+    script = write_case(tmp_path, first, ending)
     proc = run(which, args or [script], tmp_path, stdin=stdin, STARTUP_SIDE=tmp_path / "side.json",
                SHIMS_LOG="DEBUG")
     return proc, script
@@ -264,7 +156,7 @@ def test_an_import_that_is_not_a_top_level_statement_of_the_script_falls_back_to
         first, reason, tmp_path):
     proc, _ = _fallback(tmp_path, first, files={"boot_helper.py": "import shims.auto\n"})
     assert proc.returncode == 0, proc.stderr
-    assert _side(tmp_path) == TRACED_WATCH
+    assert side(tmp_path) == TRACED_WATCH
     if sys.version_info < (3, 12):
         assert REASON in proc.stderr and reason in proc.stderr, proc.stderr
 
@@ -275,22 +167,22 @@ def test_a_launcher_that_runs_the_script_through_runpy_goes_on_after_it(tmp_path
         runpy.run_path(sys.argv[1], run_name="__main__")
         print("launcher goes on")
     """)
-    script = _write_case(tmp_path, "import shims.auto", "print('end')")
+    script = write_case(tmp_path, "import shims.auto", "print('end')")
     proc = run("this", [str(tmp_path / "launcher.py"), script], tmp_path, STARTUP_SIDE=tmp_path / "side.json",
                SHIMS_LOG="DEBUG")
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "launcher goes on", proc.stderr
-    assert _side(tmp_path) == TRACED_WATCH
+    assert side(tmp_path) == TRACED_WATCH
     if sys.version_info < (3, 12):
         assert "which may go on after it" in proc.stderr
 
 
 def test_python_dash_i_keeps_the_interactive_session_after_the_script(tmp_path):
-    script = _write_case(tmp_path, "import shims.auto", "print('end')")
+    script = write_case(tmp_path, "import shims.auto", "print('end')")
     proc = run("this", ["-i", script], tmp_path, stdin="print('repl sees', len(calls))\n",
                STARTUP_SIDE=tmp_path / "side.json", SHIMS_LOG="DEBUG")
     assert proc.returncode == 0, proc.stderr
     assert "repl sees 3" in proc.stdout + proc.stderr
-    assert _side(tmp_path) == TRACED_WATCH
+    assert side(tmp_path) == TRACED_WATCH
     if sys.version_info < (3, 12):
         assert "interactive session" in proc.stderr
 
@@ -299,8 +191,8 @@ def test_a_debugger_owning_the_trace_function_is_left_alone(tmp_path):
     first = "import sys\nsys.settrace(lambda frame, event, arg: None)\nimport shims.auto"
     proc, _ = _fallback(tmp_path, first, ending="import shims\nprint(json.dumps(shims.status()['patches']['doctr']))")
     assert proc.returncode == 0, proc.stderr
-    side = _side(tmp_path)
-    assert side["forwards"] == 6 and side["compiled"] is False  # as before issue 13: not reached, and said so
+    seen = side(tmp_path)
+    assert seen["forwards"] == 6 and seen["compiled"] is False  # as without the takeover: not reached, and said so
     receipt = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "trace function (debugger or coverage) is active" in json.dumps(receipt)
     if sys.version_info < (3, 12):
@@ -311,7 +203,7 @@ def test_a_script_changed_on_disk_since_python_read_it_is_not_run_from_the_new_f
     first = "open(__file__, 'a').write('print(\"appended later\")\\n')\nimport shims.auto"
     proc, _ = _fallback(tmp_path, first)
     assert proc.returncode == 0 and "appended later" not in proc.stdout, proc.stdout + proc.stderr
-    assert _side(tmp_path) == TRACED_WATCH
+    assert side(tmp_path) == TRACED_WATCH
     if sys.version_info < (3, 12):
         assert "differs from the code the interpreter is running" in proc.stderr
 
@@ -319,13 +211,13 @@ def test_a_script_changed_on_disk_since_python_read_it_is_not_run_from_the_new_f
 @pytest.mark.parametrize("how", ["-c", "stdin"])
 def test_a_script_without_a_file_runs_unchanged(how, tmp_path):
     """-c and stdin: shims cannot read the source, so it does not know the script defines a target and does not
-    watch it (no cost, not reached), as before issue 13."""
+    watch it (no cost, not reached), as without the takeover."""
     write(tmp_path / "startup_probe.py", PROBE)
     source = SCRIPT.format(first="import shims.auto", ending="print('end')")
     args, stdin = (["-c", source], None) if how == "-c" else (["-"], source)
     proc = run("this", args, tmp_path, stdin=stdin, STARTUP_SIDE=tmp_path / "side.json")
     assert proc.returncode == 0 and proc.stdout.strip() == "end", proc.stderr
-    assert _side(tmp_path) == {"traced": False, "tracer_after": False, "compiled": False, "forwards": 6}
+    assert side(tmp_path) == {"traced": False, "tracer_after": False, "compiled": False, "forwards": 6}
 
 
 # ---------------------------------------------------------------- what runs the script: spawn children, pdb, coverage
@@ -350,14 +242,14 @@ def test_a_spawn_child_of_a_first_line_import_script_is_reached_and_returns_to_m
             process.join(90)
             print("child exit", process.exitcode)
     """)
-    script = _write_case(tmp_path, "import shims.auto", ending)
+    script = write_case(tmp_path, "import shims.auto", ending)
     proc = run("this", [script], tmp_path, STARTUP_SIDE=tmp_path / "side.json")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split("\n")[-3:] == ["child forwards 2", "child exit 0", ""], proc.stdout
 
 
 def test_pdb_runs_the_script_stops_at_its_breakpoints_and_finishes(tmp_path):
-    script = _write_case(tmp_path, "import shims.auto", "print('after the break')\nprint('last')")
+    script = write_case(tmp_path, "import shims.auto", "print('after the break')\nprint('last')")
     with open(script) as f:
         line = f.read().splitlines().index("print('after the break')") + 1
     commands = f"break {line}\ncontinue\np 'at the break', len(calls)\ncontinue\nquit\n"
@@ -378,7 +270,7 @@ def test_coverage_measures_the_same_lines_and_branches_and_shims_reaches_the_scr
     for variant, first in FIRST_LINES.items():
         folder = tmp_path / variant
         folder.mkdir()
-        script = _write_case(folder, first, "if len(sys.argv) > 5:\n    print('never')\nprint('end')")
+        script = write_case(folder, first, "if len(sys.argv) > 5:\n    print('never')\nprint('end')")
         data = folder / ".coverage"
         proc = run("this", ["-m", "coverage", "run", "--branch", f"--data-file={data}", script], folder,
                    extra_path=[where], STARTUP_SIDE=folder / "side.json")
@@ -391,8 +283,8 @@ def test_coverage_measures_the_same_lines_and_branches_and_shims_reaches_the_scr
         measured[variant] = {k: result[k] for k in ("executed_lines", "missing_lines", "missing_branches")}
     assert measured["shims"] == measured["bare"]
     assert measured["shims"]["missing_lines"] == [script_line(script, "    print('never')")]
-    side = _side(tmp_path / "shims")
-    assert side["forwards"] == 3 and side["compiled"] is (sys.version_info < (3, 12))
+    seen = side(tmp_path / "shims")
+    assert seen["forwards"] == 3 and seen["compiled"] is (sys.version_info < (3, 12))
 
 
 def script_line(script, text):

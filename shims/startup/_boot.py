@@ -27,13 +27,13 @@ def script_frame():
 def reach_script(engine):
     """Called by shims.auto: reach the functions of the script importing it. On Python 3.9-3.11, when the import is
     a top-level statement of the script the interpreter runs, the rest of the script runs here, compiled with no
-    tracer, and this never returns (shims/takeover.py); otherwise the script's module code is watched."""
+    tracer, and this never returns (shims/startup/takeover.py); otherwise the script's module code is watched."""
     import sys
     frame = script_frame()
     if frame is None:
         return
     if sys.version_info < (3, 12):
-        from shims import takeover
+        from shims.startup import takeover
         rest = takeover.plan(engine, sys._getframe(1), frame)
         if rest is not None:
             rest.run()
