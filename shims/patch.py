@@ -163,6 +163,7 @@ class Context:
 
     ctx.count(name, n)    add to a counter shown in the receipt (thread-safe; cheap enough for a training step)
     ctx.note(text)        a line in the receipt for this target
+    ctx.status(s, reason) this target's status in the receipt (e.g. "error" after a runtime fallback)
     ctx.finding(...)      an observation for the observe-only mode (see shims.receipt.PatchRecord.finding)
     ctx.options           this patch's options, e.g. ctx.options["FUNCTIONS"]
     ctx.target, ctx.mode  the Target being replaced, and "fix" or "detect"
@@ -185,6 +186,9 @@ class Context:
 
     def note(self, text):
         self.record.note(f"{self.target}: {text}")
+
+    def status(self, status, reason=""):
+        self.record.target(self.target, status, reason)
 
     def finding(self, kind, message, *, where=None, cost=None, fix=None, count=1):
         return self.record.finding(kind, message, where=where, cost=cost, fix=fix, count=count)
