@@ -184,13 +184,14 @@ class Ranks:
         return "\n".join(parts)
 
 
-def launch(scenario, out, *, envs, args=(), timeout=150, world=2):
-    """Run `world` ranks of SCENARIO, rank r with environment envs[r]; kill them all when `timeout` passes."""
+def launch(scenario, out, *, envs, args=(), timeout=150, world=2, script="workers.py"):
+    """Run `world` ranks of SCENARIO (of `script`, in this folder), rank r with environment envs[r]; kill them all
+    when `timeout` passes."""
     os.makedirs(out, exist_ok=True)
     port = free_port()
     procs = []
     for rank in range(world):
-        cmd = [sys.executable, os.path.join(HERE, "workers.py"), scenario, "--rank", str(rank), "--world",
+        cmd = [sys.executable, os.path.join(HERE, script), scenario, "--rank", str(rank), "--world",
                str(world), "--port", str(port), "--out", str(out), *args]
         procs.append(subprocess.Popen(cmd, env=envs[rank], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, cwd=REPO))
