@@ -54,7 +54,7 @@ def agree_across_ranks(decision, bound):
     try:
         store.wait([prefix + str(r) for r in ranks])
     except Exception as exc:  # noqa: BLE001 - DistStoreError on timeout
-        answered = {r: store.get(prefix + str(r)).decode() for r in ranks if store.check([prefix + str(r)])}
+        answered = {r: store.get(prefix + str(r)).decode() for r in ranks if _present(store, prefix + str(r))}
         missing = [r for r in ranks if r not in answered]
         # a rank without shims builds DDP as written: falling back to that is the one choice consistent with it
         raise RanksDisagree(f"rank(s) {missing} gave no find_unused_parameters decision ({type(exc).__name__}: "
@@ -77,6 +77,18 @@ def agree_across_ranks(decision, bound):
 
 
 
+def _present(store, key):
+    """Whether the store holds `key` now (torch 2.0's PrefixStore has no check(): a wait that returns at once)."""
+    import datetime
+    if hasattr(store, "check"):
+        return store.check([key])
+    try:
+        store.wait([key], datetime.timedelta(milliseconds=10))
+        return True
+    except Exception:  # noqa: BLE001 - timed out: not there
+        return False
+
+
 class Peers:
     """The ranks of one DDP's process group and where they exchange observations (None when not distributed)."""
 
@@ -91,12 +103,13 @@ class Peers:
         keys = [self.prefix + str(r) for r in self.ranks]
         try:
             store.wait(keys, datetime.timedelta(seconds=timeout_s))
+            everyone = True
         except Exception:  # noqa: BLE001 - a rank that stopped early (or no longer answers): what answered is used
-            pass
+            everyone = False
         answers = {}
         for r, key in zip(self.ranks, keys):
             try:
-                if store.check([key]):
+                if everyone or _present(store, key):
                     answers[r] = store.get(key).decode()
             except Exception:  # noqa: BLE001 - the store went away (the rank hosting it exited)
                 break
