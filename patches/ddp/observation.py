@@ -93,7 +93,7 @@ def advise(site, evidence, ranks):
     where = f"DistributedDataParallel built at {site.where}"
     if framework is not None:
         where = (f"DistributedDataParallel built by {framework.name} ({framework.builds}) for "
-                 f"{framework.entry} at {site.user_where or '?'}, value decided at {site.decided_at or site.where}")
+                 f"{site.reached_from}, value decided at {site.decided_at or site.where}")
     no_sync = sum(e["no_sync"] for e in evidence.values())
     seen = (f" ({no_sync} forwards inside no_sync(): gradient accumulation)" if no_sync else "")
     missing = [r for r in ranks if r not in evidence]

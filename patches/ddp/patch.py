@@ -80,7 +80,7 @@ def _after_construction(ddp, ctx, site, decision, peers):
     now = f"find_unused_parameters={decision.find_unused}, static_graph={decision.static_graph}"
     via = ""
     if site.framework is not None:
-        via = (f" for {site.framework.entry} at {site.user_where or '?'} ({site.framework.name}; value decided at "
+        via = (f" for {site.reached_from} ({site.framework.name}; value decided at "
                f"{site.decided_at or '?'}; set it with {site.framework.knob})")
     ctx.note(f"{site.where} ({site.key}){via}: " + (f"{was} -> {now}" if decision.changed else f"{now} kept")
              + f" ({decision.reason})")

@@ -151,6 +151,14 @@ class Site:
         return f"{self.filename}:{self.lineno}"
 
     @property
+    def reached_from(self):
+        """The user's call that reached the framework, and where ("trainer.fit(...) at train.py:12")."""
+        entry = self.framework.entry if self.framework is not None else "DistributedDataParallel(...)"
+        if self.user_where:
+            return f"{entry} at {self.user_where}"
+        return f"{entry} (called in the process that started this rank: no user code on this stack)"
+
+    @property
     def report_key(self):
         """Stable across ranks and runs: what built DDP and the user's line that led there (findings merge on it)."""
         return f"ddp:{self.framework.name if self.framework else self.key}@{self.user_where or self.where}"
@@ -204,7 +212,8 @@ def framework_site(site, frame):
             site.framework = candidate
             # the user's line: the first frame above the framework's that belongs to neither a framework nor torch
             depth = next(i for i, (m, f) in enumerate(modules) if f is hits[-1])
-            user = next((f for m, f in modules[depth + 1:] if _is_user_module(m)), None)
+            user = next((f for m, f in modules[depth + 1:]
+                         if _is_user_module(m) and not f.f_code.co_filename.startswith("<")), None)
             if user is not None:
                 site.user_where = f"{user.f_code.co_filename}:{user.f_lineno}"
             site.decided_at = _deciding_line(candidate, [f for m, f in modules])
