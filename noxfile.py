@@ -46,7 +46,8 @@ STAGED = ("tests", "examples", "docs", "benchmarks", "scripts", "pyproject.toml"
 # 1.9.5 (the last 1.x, DDP strategies default to find_unused_parameters=True) runs with torch 2.0.
 COMBINATIONS = {
     "py39-torch20": ("3.9", ["torch==2.0.1", "torchvision==0.15.2", "numpy<2"],
-                     ["python-doctr[torch]==0.10.0", "ultralytics==8.0.239", "pytorch-lightning==1.9.5"], ["oldest"]),
+                     ["python-doctr[torch]==0.10.0", "ultralytics==8.0.239", "pytorch-lightning==1.9.5",
+                      "torchmetrics==0.11.4", "lightning-utilities==0.9.0"], ["oldest"]),
     "py310-torch22": ("3.10", ["torch==2.2.2", "torchvision==0.17.2", "numpy<2"],
                       ["colossalai==0.3.6", "python-doctr==0.11.0", "ultralytics<8.2"], []),
     "py311-torch25": ("3.11", ["torch==2.5.1", "torchvision==0.20.1"],
