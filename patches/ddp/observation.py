@@ -244,8 +244,11 @@ class Observation:
         mine = self.evidence()
         rank = getattr(self.peers, "rank", 0)
         if self.peers is not None:
-            answers = self.peers.share(json.dumps(mine), EXIT_SHARE_TIMEOUT_S if at_exit else SHARE_TIMEOUT_S)
-            evidence = {r: json.loads(text) for r, text in answers.items()}
+            try:
+                answers = self.peers.share(json.dumps(mine), EXIT_SHARE_TIMEOUT_S if at_exit else SHARE_TIMEOUT_S)
+                evidence = {r: json.loads(text) for r, text in answers.items()}
+            except Exception:  # noqa: BLE001 - the store is gone (process group destroyed, its host exited)
+                evidence = {}
             expected = list(self.peers.ranks)
         else:
             evidence, expected = {0: mine}, [0]

@@ -176,7 +176,7 @@ def test_in_process_safe_site_is_built_false_and_disable_restores_everything(sin
     for function in ("build_here", "build_subclass_here"):
         assert any(f"({__name__}:{function}): find_unused_parameters=True, static_graph=False -> "
                    "find_unused_parameters=False" in n for n in notes), notes
-    # the error explainer sits on the objects shims changed; with SHIMS_DDP_OBSERVE=0 nothing watches the others
+    # the error explainer sits on the objects shims changed; with SHIMS_DDP_OBSERVE=0 nothing observes the others
     hook = "_pre_forward" if hasattr(type(ddp), "_pre_forward") else "forward"  # torch 2.0 has no _pre_forward
     assert hook in ddp.__dict__ and hook not in elsewhere.__dict__
 
