@@ -95,7 +95,8 @@ def main():
     mp.start_processes(worker, args=(opts, port, queue), nprocs=2, join=True, start_method="spawn")
     times, post_forward, version, params = queue.get()
     on, off = statistics.median(times[True]), statistics.median(times[False])
-    print(f"torch {version}, 2 gloo ranks on CPU (1 thread each), BERT {opts.layers}x{opts.hidden} ({params / 1e6:.1f}M "
+    print(f"torch {version}, 2 gloo ranks on CPU (1 thread each), BERT {opts.layers}x{opts.hidden} "
+          f"({params / 1e6:.1f}M "
           f"parameters), batch {opts.batch}x{opts.seq}, {opts.rounds} alternating rounds x {opts.iterations} "
           "iterations per variant")
     print(f"  find_unused_parameters=True  (Trainer default)  median {on * 1e3:8.2f} ms/iteration")

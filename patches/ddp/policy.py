@@ -31,13 +31,16 @@ class FrameworkSite:
     versions  where this was read
     verdict   SAFE | NEEDED | MODEL_DEPENDENT | FIXED_UPSTREAM
     reason    why, with the upstream issue or PR
+    fixed_as  the entry to use instead where the deciding line is not in the installed source (pytorch-lightning 2.x
+              keeps the module names of 1.x without the True default)
     """
 
-    __slots__ = ("name", "marks", "builds", "decides", "knob", "entry", "versions", "verdict", "reason")
+    __slots__ = ("name", "marks", "builds", "decides", "knob", "entry", "versions", "verdict", "reason", "fixed_as")
 
-    def __init__(self, name, *, marks, builds, decides=(), knob, entry, versions, verdict, reason):
+    def __init__(self, name, *, marks, builds, decides=(), knob, entry, versions, verdict, reason, fixed_as=None):
         self.name, self.marks, self.builds, self.decides, self.knob = name, marks, builds, decides, knob
         self.entry, self.versions, self.verdict, self.reason = entry, versions, verdict, reason
+        self.fixed_as = fixed_as  # the site this one is where its deciding line is gone (a release that fixed it)
 
     @property
     def automatic(self):
@@ -49,8 +52,27 @@ _TRAINER_BRANCHES = ("= self.args.ddp_find_unused_parameters", "not model.is_gra
                      '["find_unused_parameters"] = True')
 _LIGHTNING_DECIDES = ('"find_unused_parameters", True',)
 
-# Most specific first: a Trainer builds DDP through accelerate, so the Trainer entry comes before accelerate's.
+# Searched in this order: the frameworks that drive others first (RF-DETR may train through Lightning, and its
+# verdict is the one that holds), then the most specific (a Trainer builds DDP through accelerate).
 FRAMEWORK_SITES = (
+    FrameworkSite(
+        "damo-yolo", marks=("damo.detectors.detector",), builds="damo.detectors.detector:build_ddp_model",
+        knob="find_unused_parameters=False in damo/detectors/detector.py build_ddp_model",
+        entry="trainer.train(local_rank)", versions="DAMO-YOLO (not on PyPI; master)", verdict=SAFE,
+        reason="DAMO-YOLO: the ZeroHead loss keeps every parameter in the graph (zero-weighted box/DFL terms when a "
+               "batch has no positive sample), the student is the only DDP model, distillation modules stay outside "
+               "it (tinyvision/DAMO-YOLO #153 asks about the warning)"),
+    FrameworkSite(
+        "ultralytics", marks=("ultralytics.engine.trainer",),
+        builds="ultralytics.engine.trainer:BaseTrainer._setup_train", knob="(none: keep find_unused_parameters=True)",
+        entry="model.train(...)", versions="ultralytics 8.3.0-8.4.0 and >= 8.4.64 (8.4.190 trainer.py:443-448)",
+        verdict=NEEDED,
+        reason="ultralytics: a batch without ground truth at some scale leaves head parameters without gradient; "
+               "forcing False (v8.4.49, PR #24413) hung and crashed (#24536, #24612) and was reverted (PR #24620)"),
+    FrameworkSite(
+        "rf-detr", marks=("rfdetr",), builds="rfdetr.main:Model.train", knob="(none: keep find_unused_parameters=True)",
+        entry="model.train(...)", versions="rfdetr 1.1.0-1.5.x (main.py)", verdict=NEEDED,
+        reason="RF-DETR: two-stage group-DETR leaves parameters unused on purpose (rf-detr issue #1093, PR #1094)"),
     FrameworkSite(
         "transformers-trainer", marks=("transformers.trainer",),
         builds="accelerate.accelerator:Accelerator.prepare_model",
@@ -80,7 +102,8 @@ FRAMEWORK_SITES = (
              'Trainer(strategy="ddp_spawn_find_unused_parameters_false")',
         entry="trainer.fit(...)", versions="pytorch-lightning 1.x (1.9.5 strategies/ddp_spawn.py:193-197); "
                                            "2.0 removed the default (PR #16611)",
-        verdict=MODEL_DEPENDENT, reason="Lightning 1.x defaults the flag to True for every model"),
+        verdict=MODEL_DEPENDENT, reason="Lightning 1.x defaults the flag to True for every model",
+        fixed_as="lightning-2"),
     FrameworkSite(
         "lightning-ddp", marks=("pytorch_lightning.strategies.ddp",),
         builds="pytorch_lightning.strategies.ddp:DDPStrategy._setup_model",
@@ -89,32 +112,15 @@ FRAMEWORK_SITES = (
              'Trainer(strategy="ddp_find_unused_parameters_false")',
         entry="trainer.fit(...)", versions="pytorch-lightning 1.x (1.6.0 strategies/ddp.py:208-212, 1.9.5 "
                                            ":216-220); 2.0 removed the default (PR #16611)",
-        verdict=MODEL_DEPENDENT, reason="Lightning 1.x defaults the flag to True for every model"),
+        verdict=MODEL_DEPENDENT, reason="Lightning 1.x defaults the flag to True for every model",
+        fixed_as="lightning-2"),
     FrameworkSite(
         "lightning-2", marks=("lightning.pytorch.strategies", "lightning.fabric.strategies",
-                              "lightning_fabric.strategies"),
+                              "lightning_fabric.strategies"),  # and pytorch_lightning 2.x, through fixed_as
         builds="lightning.pytorch.strategies.ddp:DDPStrategy._setup_model",
         knob="Trainer(strategy=DDPStrategy(find_unused_parameters=False))", entry="trainer.fit(...)",
         versions="lightning >= 2.0 (PR #16611)", verdict=FIXED_UPSTREAM,
         reason="Lightning 2.x defaults to False: True here was asked for in the strategy"),
-    FrameworkSite(
-        "damo-yolo", marks=("damo.detectors.detector",), builds="damo.detectors.detector:build_ddp_model",
-        knob="find_unused_parameters=False in damo/detectors/detector.py build_ddp_model",
-        entry="trainer.train(local_rank)", versions="DAMO-YOLO (not on PyPI; master)", verdict=SAFE,
-        reason="DAMO-YOLO: the ZeroHead loss keeps every parameter in the graph (zero-weighted box/DFL terms when a "
-               "batch has no positive sample), the student is the only DDP model, distillation modules stay outside "
-               "it (tinyvision/DAMO-YOLO #153 asks about the warning)"),
-    FrameworkSite(
-        "ultralytics", marks=("ultralytics.engine.trainer",),
-        builds="ultralytics.engine.trainer:BaseTrainer._setup_train", knob="(none: keep find_unused_parameters=True)",
-        entry="model.train(...)", versions="ultralytics 8.3.0-8.4.0 and >= 8.4.64 (8.4.190 trainer.py:443-448)",
-        verdict=NEEDED,
-        reason="ultralytics: a batch without ground truth at some scale leaves head parameters without gradient; "
-               "forcing False (v8.4.49, PR #24413) hung and crashed (#24536, #24612) and was reverted (PR #24620)"),
-    FrameworkSite(
-        "rf-detr", marks=("rfdetr",), builds="rfdetr.main:Model.train", knob="(none: keep find_unused_parameters=True)",
-        entry="model.train(...)", versions="rfdetr 1.1.0-1.5.x (main.py)", verdict=NEEDED,
-        reason="RF-DETR: two-stage group-DETR leaves parameters unused on purpose (rf-detr issue #1093, PR #1094)"),
 )
 
 # module:function keys of the sites auto may switch off (the DAMO-YOLO builder), and of those it must not
@@ -217,6 +223,8 @@ def framework_site(site, frame):
             if user is not None:
                 site.user_where = f"{user.f_code.co_filename}:{user.f_lineno}"
             site.decided_at = _deciding_line(candidate, [f for m, f in modules])
+            if site.decided_at is None and candidate.fixed_as:
+                site.framework = next(s for s in FRAMEWORK_SITES if s.name == candidate.fixed_as)
             return site
     return site
 

@@ -5,9 +5,10 @@
 STRATEGY is "ddp" (this process is rank 0 and Lightning re-runs this script for rank 1) or "ddp_spawn" (Lightning
 spawns both ranks). Each case configures shims in-process (as SHIMS_* would), builds a tiny LightningModule and fits
 it; every rank writes OUT/<strategy>.<case>.rank{R}.json (flags DDP was built with, the ddp receipt) and .pt (final
-parameters), from a callback (spawned ranks run no code of this script after fit). Case keys: name, model ("all": every parameter used; "extra":
-a layer never used), freeze, accumulate (accumulate_grad_batches), knob (None: Lightning's default; "string": the
-strategy name "<strategy>_find_unused_parameters_false"; false: DDPStrategy/DDPSpawnStrategy(find_unused_...=False)).
+parameters), from a callback (spawned ranks run no code of this script after fit). Case keys: name, model ("all":
+every parameter used; "extra": a layer never used), freeze, accumulate (accumulate_grad_batches), observe
+(SHIMS_DDP_OBSERVE), shims (False: not enabled), knob (None: Lightning's default; "string": the strategy name
+"<strategy>_find_unused_parameters_false"; false: DDPStrategy/DDPSpawnStrategy(find_unused_parameters=False)).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class Record(pl.Callback):
         engine.reset()
         if self.case.get("shims") is False:
             return
-        shims.enable(patches=["ddp"], mode=self.case.get("mode", "fix"), options={"SHIMS_DDP_OBSERVE": str(self.case.get("observe", 4))})
+        shims.enable(patches=["ddp"], mode=self.case.get("mode", "fix"),
+                     options={"SHIMS_DDP_OBSERVE": str(self.case.get("observe", 4))})
 
     def on_train_end(self, trainer, pl_module):
         import shims
