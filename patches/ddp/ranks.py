@@ -95,8 +95,13 @@ class Peers:
     def __init__(self, store, prefix, rank, ranks):
         self.store, self.prefix, self.rank, self.ranks = store, prefix, rank, ranks
 
+    def publish(self, text):
+        """This rank's evidence so far (after each observed iteration), for a rank that finishes alone (at exit)."""
+        self.store.set(self.prefix + "so-far/" + str(self.rank), text)
+
     def share(self, text, timeout_s):
-        """Publish this rank's text and read every rank's: {rank: text} with the ranks that answered in time."""
+        """Publish this rank's final text and read every rank's: {rank: text}. A rank that gave no final text in
+        time answers with what it published so far, if anything."""
         import datetime
         store = self.store
         store.set(self.prefix + str(self.rank), text)
@@ -111,6 +116,8 @@ class Peers:
             try:
                 if everyone or _present(store, key):
                     answers[r] = store.get(key).decode()
+                elif _present(store, self.prefix + "so-far/" + str(r)):
+                    answers[r] = store.get(self.prefix + "so-far/" + str(r)).decode()
             except Exception:  # noqa: BLE001 - the store went away (the rank hosting it exited)
                 break
         return answers
