@@ -42,21 +42,24 @@ TEST_EXTRAS = ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "timm>=0.9", "
 STAGED = ("tests", "examples", "docs", "benchmarks", "scripts", "pyproject.toml", "README.md")
 
 # name: (python, torch and its pins, frameworks, tags). Frameworks are the releases users of that torch sit on:
-# python-doctr 0.11.0 and rfdetr need Python >= 3.10; colossalai 0.3.6 is of the torch 2.1/2.2 era.
+# python-doctr 0.11.0 and rfdetr need Python >= 3.10; colossalai 0.3.6 is of the torch 2.1/2.2 era; pytorch-lightning
+# 1.9.5 (the last 1.x, DDP strategies default to find_unused_parameters=True) runs with torch 2.0.
 COMBINATIONS = {
     "py39-torch20": ("3.9", ["torch==2.0.1", "torchvision==0.15.2", "numpy<2"],
-                     ["python-doctr[torch]==0.10.0", "ultralytics==8.0.239"], ["oldest"]),
+                     ["python-doctr[torch]==0.10.0", "ultralytics==8.0.239", "pytorch-lightning==1.9.5",
+                      "torchmetrics==0.11.4", "lightning-utilities==0.9.0"], ["oldest"]),
     "py310-torch22": ("3.10", ["torch==2.2.2", "torchvision==0.17.2", "numpy<2"],
                       ["colossalai==0.3.6", "python-doctr==0.11.0", "ultralytics<8.2"], []),
     "py311-torch25": ("3.11", ["torch==2.5.1", "torchvision==0.20.1"],
                       ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics<8.4"], []),
     "py311-torch214": ("3.11", ["torch==2.14.1", "torchvision==0.29.1"],
-                       ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics>=8.3"], ["main"]),
+                       ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics>=8.3", "transformers==4.57.6",
+                        "accelerate==1.16.0"], ["main"]),
     "py313-torch215": ("3.13", ["torch==2.15.0", "torchvision==0.29.2"],
                        ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics>=8.3"], ["newest"]),
 }
 REPORTED = ("torch", "torchvision", "numpy", "python-doctr", "rfdetr", "ultralytics", "colossalai", "timm", "wrapt",
-            "packaging")
+            "packaging", "pytorch-lightning", "transformers", "accelerate")
 
 _wheel = _tree = _provenance = None
 

@@ -31,6 +31,7 @@ DETECTOR_MODULES = (
     "grad_scaler",  # float16-no-grad-scaler: backward after float16 autocast with no GradScaler
     "device_copies",  # data-copied-every-epoch: the same host data copied to the device again, though it would fit
     "optimizers",   # optimizer-for-loop: an optimizer updating accelerator parameters one tensor at a time
+    "ddp_accumulation",  # ddp-accumulation-sync: gradient accumulation under DDP without no_sync()
     "profile",      # no kinds: doctor --profile N / SHIMS_PROFILE_STEPS, torch.profiler over N optimizer steps
 )
 

@@ -1,6 +1,6 @@
 """One rank of the ddp patch's distributed tests: gloo on 127.0.0.1, CPU, torch.set_num_threads(1).
 
-    python tests/ddp_workers.py SCENARIO --rank R --world 2 --port P --out DIR [--shims] [options]
+    python tests/patches/ddp/workers.py SCENARIO --rank R --world 2 --port P --out DIR [--shims] [options]
 
 `--shims` makes the worker start shims the way a user does (`import shims.auto`, configured by the SHIMS_* variables
 of its environment), before torch is imported. Each rank writes DIR/rank{R}.json (flags DDP was built with, steps
@@ -26,7 +26,7 @@ import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 
 # ---------------------------------------------------------------------------------------------------- DAMO layout
 
@@ -184,13 +184,14 @@ class Ranks:
         return "\n".join(parts)
 
 
-def launch(scenario, out, *, envs, args=(), timeout=150, world=2):
-    """Run `world` ranks of SCENARIO, rank r with environment envs[r]; kill them all when `timeout` passes."""
+def launch(scenario, out, *, envs, args=(), timeout=150, world=2, script="workers.py"):
+    """Run `world` ranks of SCENARIO (of `script`, in this folder), rank r with environment envs[r]; kill them all
+    when `timeout` passes."""
     os.makedirs(out, exist_ok=True)
     port = free_port()
     procs = []
     for rank in range(world):
-        cmd = [sys.executable, os.path.join(HERE, "ddp_workers.py"), scenario, "--rank", str(rank), "--world",
+        cmd = [sys.executable, os.path.join(HERE, script), scenario, "--rank", str(rank), "--world",
                str(world), "--port", str(port), "--out", str(out), *args]
         procs.append(subprocess.Popen(cmd, env=envs[rank], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, cwd=REPO))
@@ -296,8 +297,8 @@ def run_cases(torch, opts):
 
 
 def finish_observations():
-    from shims.patches import ddp as ddp_patch
-    ddp_patch._finish_all()  # report observations cut short, as the exit hook would
+    from shims.patches.ddp.observation import finish_all
+    finish_all()  # report observations cut short, as the exit hook would
 
 
 def describe_error(exc):

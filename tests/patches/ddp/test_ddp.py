@@ -5,7 +5,7 @@ trains an ultralytics YOLOv8n (from its yaml, no weights) and a timm model on 2 
 built with find_unused_parameters=False there and the weights equal the unpatched run's bitwise on every rank.
 Safety: policies that make an unused parameter an error fail at once with the parameters' names, the policy and
 the variable to change; ranks that would disagree are caught at construction. Every multi-process run has a hard
-timeout (tests/ddp_workers.launch) and a short process-group timeout.
+timeout (tests/patches/ddp/workers.launch) and a short process-group timeout.
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ import sys
 import pytest
 
 import shims
-from conftest import REPO, clean_env
+from tests.conftest import REPO, clean_env
 from shims.errors import ShimsConfigError, ShimsPatchError
 from shims.patches import ddp as ddp_patch
-from tests import ddp_workers  # the worker script doubles as the launcher
+from tests.patches.ddp import workers as ddp_workers  # the worker script doubles as the launcher
 
 # torch 2.1+ splits DDP.forward into _pre_forward/_post_forward and the unused-parameter search is timed; on torch 2.0
 # it runs inside forward and the cost says it was not timed there
 SEARCH_COST = "ms per iteration" if hasattr(__import__("torch").nn.parallel.DistributedDataParallel, "_post_forward") \
     else "not timed on this torch"
 
-WORKER = os.path.join(REPO, "tests", "ddp_workers.py")
+WORKER = os.path.join(REPO, "tests", "patches", "ddp", "workers.py")
 NO_FINDING_WARNING = "did not find any unused parameters"  # printed by DDP's C++ reducer on stderr, not `warnings`
 DEFAULTS = {"FIND_UNUSED": "auto", "SAFE_SITES": (), "OBSERVE": 50}
 
@@ -176,7 +176,7 @@ def test_in_process_safe_site_is_built_false_and_disable_restores_everything(sin
     for function in ("build_here", "build_subclass_here"):
         assert any(f"({__name__}:{function}): find_unused_parameters=True, static_graph=False -> "
                    "find_unused_parameters=False" in n for n in notes), notes
-    # the error explainer sits on the objects shims changed; with SHIMS_DDP_OBSERVE=0 nothing watches the others
+    # the error explainer sits on the objects shims changed; with SHIMS_DDP_OBSERVE=0 nothing observes the others
     hook = "_pre_forward" if hasattr(type(ddp), "_pre_forward") else "forward"  # torch 2.0 has no _pre_forward
     assert hook in ddp.__dict__ and hook not in elsewhere.__dict__
 
@@ -191,7 +191,7 @@ def test_in_process_a_shims_failure_builds_ddp_as_written_or_raises_in_strict_mo
     def broken(*args, **kwargs):
         raise ValueError("boom")
 
-    monkeypatch.setattr(ddp_patch, "find_unused_policy", broken)
+    monkeypatch.setattr("shims.patches.ddp.patch.find_unused_policy", broken)
     shims.enable(patches=["ddp"], options={"SHIMS_DDP_FIND_UNUSED": "off"})
     ddp = build_here(torch.nn.Linear(3, 2), find_unused_parameters=True)
     assert ddp.find_unused_parameters is True
@@ -307,7 +307,7 @@ def test_wrongly_forced_off_fails_loudly_naming_the_parameters_on_both_ranks(cas
         assert error["policy"] == "off" and error["variable"] == "SHIMS_DDP_FIND_UNUSED"
         assert f"on rank {rank}, 2 parameter(s) received no gradient" in error["message"]
         assert "SHIMS_DDP_FIND_UNUSED=off" in error["message"] and "Set SHIMS_DDP_FIND_UNUSED=keep" in error["message"]
-        assert f"ddp_workers.py:{build_line()} (__main__:build_ddp)" in error["message"]
+        assert f"workers.py:{build_line()} (__main__:build_ddp)" in error["message"]
         assert result["steps_done"] == 1  # the next forward stops it: one step, not a silently diverging run
         assert result["receipt"]["counters"]["unused_parameter_errors"] == 1
 
@@ -371,17 +371,21 @@ def test_static_refuses_a_first_backward_inside_no_sync(cases):
 
 
 @pytest.mark.slow
-def test_auto_elsewhere_keeps_the_flag_and_measures_what_it_costs(cases):
+def test_auto_elsewhere_keeps_the_flag_and_advises_from_both_ranks_evidence(cases):
     for result in each_rank(cases, "auto_none"):
         assert result["find_unused_parameters"] is True and result["error"] is None
         assert result["receipt"]["counters"]["iterations_observed"] == 5
         note = next(n for n in result["receipt"]["notes"] if "0 unused parameters" in n)
-        assert "find_unused_parameters=True but 0 unused parameters in 5 iterations" in note
-        assert "SHIMS_DDP_FIND_UNUSED=static would save " in note and SEARCH_COST in note
+        assert "find_unused_parameters=True but 0 unused parameters in 5 iterations on every rank (2 ranks)" in note
+        assert f"To act on it: DistributedDataParallel(..., find_unused_parameters=False) at " in note
+        assert f"workers.py:{build_line()}" in note and SEARCH_COST in note and "static" not in note
     for result in each_rank(cases, "auto_const"):
         assert result["find_unused_parameters"] is True and result["error"] is None and result["steps_done"] == 8
-        assert any("parameters were unused in 5 of 5 iterations" in n and "is needed here" in n
-                   for n in result["receipt"]["notes"])
+        note = next(n for n in result["receipt"]["notes"] if "got no gradient" in n)
+        # named as the model names them, with their real size (16x16 + 16 float32: 1088 bytes)
+        assert "the same 2 parameter(s) got no gradient in every one of 5 iterations on every rank (2 ranks): " \
+               "extra.weight, extra.bias (1088 bytes)" in note, note
+        assert "freeze them (`.requires_grad_(False)` on extra.weight, extra.bias) or remove them" in note
 
 
 @pytest.mark.slow
@@ -389,9 +393,13 @@ def test_detect_mode_builds_ddp_unchanged_and_reports_a_finding_at_the_call_site
     for result in each_rank(cases, "detect_none"):
         assert result["find_unused_parameters"] is True and result["static_graph"] is False
         (finding,) = result["receipt"]["findings"]
-        assert finding["message"] == "find_unused_parameters=True but 0 unused parameters in 5 iterations"
-        assert finding["where"].endswith(f"ddp_workers.py:{build_line()}")
-        assert SEARCH_COST in finding["cost"] and "SHIMS_DDP_FIND_UNUSED=static" in finding["fix"]
+        assert finding["message"].endswith("find_unused_parameters=True but 0 unused parameters in 5 iterations on "
+                                           "every rank (2 ranks)")
+        assert finding["where"].endswith(f"workers.py:{build_line()}")
+        assert finding["site"] == f"ddp:__main__:build_ddp@{finding['where']}"
+        assert set(finding["ranks"]) == {"0", "1"}
+        assert SEARCH_COST in finding["cost"] and "find_unused_parameters=False" in finding["fix"]
+        assert "static" not in finding["fix"]
 
 
 @pytest.mark.slow
