@@ -10,7 +10,7 @@ Programmatic use: shims.enable(...), shims.disable(), shims.status(). Environmen
 from shims.errors import ShimsConfigError, ShimsPatchError
 
 __version__ = "0.1.0"
-__all__ = ["enable", "disable", "status", "ShimsConfigError", "ShimsPatchError", "__version__"]
+__all__ = ["enable", "disable", "status", "observe", "ShimsConfigError", "ShimsPatchError", "__version__"]
 
 
 def enable(patches=None, *, disable=None, mode=None, strict=None, report=None, log=None, options=None):
@@ -31,6 +31,13 @@ def disable():
     """Revert every patch: each replaced attribute `is` the original object again."""
     from shims import engine
     engine.get().disable()
+
+
+def observe(patches="none", ignore=()):
+    """`with shims.observe() as report: ...`: the block runs in observe-only mode; then `report.findings` (typed,
+    ranked by cost) and `report.summary`. See shims.doctor.observe."""
+    from shims import doctor
+    return doctor.observe(patches=patches, ignore=ignore)
 
 
 def status():

@@ -10,11 +10,13 @@ USAGE = """usage: python -m shims COMMAND [ARGS]
 commands:
   run SCRIPT [ARGS...]      run SCRIPT as `python SCRIPT ARGS` would, with the patches enabled
                             (processes it starts -- spawn children, DataLoader workers, torchrun workers -- too)
-  doctor [--profile N] SCRIPT [ARGS...]
+  doctor [--profile N] [--fail-on KINDS] [--sarif PATH] [--html PATH] SCRIPT [ARGS...]
                             run SCRIPT unchanged in observe-only mode (SHIMS_MODE=detect) and print what shims
                             found at exit: each mistake, where, how often, its cost, and the fix;
                             --profile N: also torch.profiler over N optimizer steps after 2 warm-up steps (the top
-                            operators table, and a Chrome/Perfetto trace beside the JSON report)
+                            operators table, and a Chrome/Perfetto trace beside the JSON report);
+                            --fail-on KINDS|any: exit 1 when such a finding is made (the script's failure wins);
+                            --sarif PATH, --html PATH: the report as SARIF 2.1.0, as a self-contained web page
   list                      every patch: target, supported versions, installed version, whether it would apply
   help                      this text
 
@@ -26,6 +28,7 @@ environment (read once, at start; a bad name or value is an error that names the
   SHIMS_REPORT    path of the JSON receipt written at exit ({pid} is replaced by the process id)
   SHIMS_LOG       DEBUG | INFO | WARNING | ERROR | CRITICAL: level of the `shims` logger (stderr)
   SHIMS_PROFILE_STEPS   N: in detect mode, profile N optimizer steps (what doctor's --profile N sets)
+  SHIMS_IGNORE    detect mode: findings to suppress, comma list of kind@file:line
   SHIMS_<PATCH>_<OPTION>   per-patch options: `python -m shims list` shows them
 """
 
@@ -107,23 +110,15 @@ def main(argv=None):
     try:
         if command == "list":
             return _list()
-        if command in ("run", "doctor"):
+        if command == "doctor":
+            from shims import doctor
+            return doctor.main(rest)  # doctor.add_arguments / apply / exit_status
+        if command == "run":
             usage = f"usage: python -m shims {command} SCRIPT [ARGS...]"
-            if command == "doctor":
-                from shims import doctor
-                usage = doctor.USAGE
-                try:
-                    rest = doctor.take_options(rest)  # --profile N, before the script path
-                except ShimsConfigError as exc:
-                    sys.stderr.write(f"shims doctor: {exc}\n{usage}\n")
-                    return 2
             if not rest or rest[0].startswith("-"):
                 sys.stderr.write(f"shims {command}: expected a script path, got {rest[0] if rest else 'nothing'}\n"
                                  f"{usage}\n")
                 return 2
-            if command == "doctor":
-                os.environ["SHIMS_MODE"] = "detect"
-                doctor.print_table_at_exit()
             from shims import runner
             runner.run_script(rest[0], rest[1:])
             return 0

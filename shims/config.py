@@ -8,6 +8,7 @@ Variables (README has the table):
     SHIMS_REPORT    path of a JSON receipt written at exit ("{pid}" is replaced by the process id)
     SHIMS_LOG       level of the `shims` logger: DEBUG, INFO, WARNING, ERROR, CRITICAL
     SHIMS_PROFILE_STEPS   detect mode: torch.profiler over this many optimizer steps (doctor's --profile N)
+    SHIMS_IGNORE    detect mode: findings to suppress, comma list of kind@file:line (counted in the report)
     SHIMS_<PATCH>_<OPTION>   per-patch options, declared by each patch (`python -m shims list` shows them)
 Variables that start with SHIMS__ (two underscores) are internal: shims sets them for the processes a run starts.
 """
@@ -15,6 +16,7 @@ Variables that start with SHIMS__ (two underscores) are internal: shims sets the
 from __future__ import annotations
 
 import os
+import re
 
 from shims.errors import ShimsConfigError
 
@@ -23,8 +25,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 PROFILE_VAR = "SHIMS_PROFILE_STEPS"
+IGNORE_VAR = "SHIMS_IGNORE"
 GLOBAL_VARS = ("SHIMS_PATCHES", "SHIMS_DISABLE", "SHIMS_MODE", "SHIMS_STRICT", "SHIMS_REPORT", "SHIMS_LOG",
-               PROFILE_VAR)
+               PROFILE_VAR, IGNORE_VAR)
 BOOT_VAR = "SHIMS__BOOT"  # set for child processes: their sitecustomize starts shims
 PARENT_VAR = "SHIMS__PARENT_PID"  # the pid of the process that first started shims (children write their own report)
 _EXPORTED = None  # the SHIMS_* variables as they were before export_for_children wrote over them
@@ -33,7 +36,8 @@ _EXPORTED = None  # the SHIMS_* variables as they were before export_for_childre
 class Config:
     """Frozen result of parsing. `patches`: enabled patch names in registry order; `why_off`: name -> reason."""
 
-    __slots__ = ("patches", "why_off", "mode", "strict", "report", "log", "options", "source", "profile_steps")
+    __slots__ = ("patches", "why_off", "mode", "strict", "report", "log", "options", "source", "profile_steps",
+                 "ignores")
 
     def __init__(self, **values):
         for key in self.__slots__:
@@ -109,6 +113,21 @@ def parse_profile_steps(text, shown=None):
                            "(e.g. 5; unset: no profiling)")
 
 
+def parse_ignores(text, shown=None):
+    """SHIMS_IGNORE: a comma list of kind@file:line (e.g. eval-with-grad@train.py:88) -> ((kind, file, line), ...).
+    The kind is a detector's kind, patch:kind, or any; the file a path or its ending."""
+    entries = []
+    for word in _words(text):
+        kind, at, place = word.partition("@")
+        file, colon, line = place.rpartition(":")
+        if not at or not colon or not file or not line.isdigit() or not re.fullmatch(r"[a-z0-9_:-]+", kind):
+            raise ShimsConfigError(f"{shown or IGNORE_VAR}={text!r}: {word!r} is not valid; valid: a comma list of "
+                                   "kind@file:line, e.g. eval-with-grad@train.py:88 (kind: a finding's kind as the "
+                                   "report shows it, or any)")
+        entries.append((kind, file, int(line)))
+    return tuple(entries)
+
+
 def _parse_option(var, option, text):
     if option.kind == "choice":
         return _parse_choice(var, text, option.choices)
@@ -162,6 +181,7 @@ def parse(environ, registry):
     log = _parse_choice("SHIMS_LOG", log, LOG_LEVELS, fold=str.upper) if log else None
     profile = environ.get(PROFILE_VAR, "")
     profile_steps = parse_profile_steps(profile) if profile.strip() else None  # read by detect mode only
+    ignores = parse_ignores(environ.get(IGNORE_VAR, ""))  # read by the doctor's report
 
     why_off = {}
     for name in names:
@@ -182,7 +202,7 @@ def parse(environ, registry):
         options[patch.name] = values
     return Config(patches=enabled, why_off=why_off, mode=mode, strict=strict, report=report, log=log,
                   options=options, source=dict((k, v) for k, v in environ.items() if k.startswith("SHIMS_")),
-                  profile_steps=profile_steps)
+                  profile_steps=profile_steps, ignores=ignores)
 
 
 def from_environment(registry, overrides=None):

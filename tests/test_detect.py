@@ -761,7 +761,11 @@ def test_findings_have_exactly_the_documented_keys():
     findings = observe(fit_one_epoch_buggy, model, loader, batch_transforms, optimizer, scheduler)
     assert findings
     for finding in findings:
-        assert set(finding) == {"kind", "message", "where", "count", "cost", "fix"}
+        assert set(finding) >= {"kind", "message", "where", "count", "cost", "fix", "per", "basis", "seconds_each",
+                                "seconds_per_step", "step_share", "bytes"}
+        assert set(finding) <= {"kind", "message", "where", "count", "cost", "fix", "per", "basis", "seconds_each",
+                                "seconds_per_step", "step_share", "bytes", "seconds_once", "alternative",
+                                "framework", "framework_version", "user_where"}
         assert finding["kind"] in detect.KINDS
         assert isinstance(finding["count"], int) and finding["count"] >= 1
         path, _, line = finding["where"].rpartition(":")

@@ -27,6 +27,7 @@ from shims.detect import report, tensors
 from shims.detect.compat import TorchAPI
 from shims.detect.detector import Finding
 from shims.detect.graphs import GraphWatches, saved_activation_bytes, storages_of
+from shims.detect.observed import Observation
 from shims.detect.sites import CallSites
 
 RECORD = "detect"
@@ -98,6 +99,7 @@ class Session:
         self._step_last, self._step_count, self._step_intervals = {}, {}, {}
         self._device_checked = set()
         self._storages = {}  # module id -> storage pointers of its parameters and buffers
+        self.observation = Observation()  # what was observed, findings or not (the report's summary, the timeline)
 
     # ------------------------------------------------------------------ what detectors call
 
@@ -223,6 +225,10 @@ class Session:
 
     def _start(self):
         watching = []
+        self.wrap(self.torch.autograd, "backward", self._backward_wrapper)  # backward passes (summary, timeline)
+        pre_hooks = getattr(self.api.optimizer_hooks, "register_optimizer_step_pre_hook", None)
+        if pre_hooks is not None:
+            self._handles.append(pre_hooks(self._before_step))
         for detector in self.detectors:
             reason = detector.missing(self.api)
             if reason:
@@ -240,8 +246,7 @@ class Session:
             watching.insert(min(1, len(watching)), "optimizer steps")
             from shims.detect import steps_after_compile  # torch 2.0-2.2: compile unhooks optimizer steps
             steps_after_compile.install(self)
-        if self._module_calls or self._module_outputs or self._forwards:
-            self._install_forward_hooks()
+        self._install_forward_hooks()  # always: the forwards and evaluations observed are in every report
         import atexit
         atexit.register(self._at_exit)
         self.record.target(TARGET, "applied", "observing " + ", ".join(watching))
@@ -316,7 +321,8 @@ class Session:
             from shims import config
             if not report.table_claimed() and not config.is_child():
                 path = self.engine.report_path()  # written by the engine's own exit handler, which runs next
-                report.print_findings(self.engine.receipt.as_dict(), report=os.path.abspath(path) if path else None)
+                report.print_findings(self.engine.receipt.as_dict(), report=os.path.abspath(path) if path else None,
+                                      ignores=getattr(self.engine.config, "ignores", ()))
         except Exception as exc:  # noqa: BLE001 - never fail the user's exit
             sys.stderr.write(f"[shims] detect mode: could not write the findings: {type(exc).__name__}: {exc}\n")
 
@@ -356,6 +362,11 @@ class Session:
             state.depth -= 1
         if not self.active:
             return
+        if not state.depth:
+            frame = sys._getframe(1)
+            self.observation.forward(module.training, state.start, perf_counter(),
+                                     lambda: self.sites.where(frame))
+            frame = None
         if self._module_calls:
             self._dispatch(self._module_calls, module)
         if self._module_outputs:
@@ -401,6 +412,7 @@ class Session:
             self._step_last[key] = now
             self._step_count[key] = self._step_count.get(key, 0) + 1
             self.steps += 1
+            self.observation.step(now)
             if self._reset_on_reentry:
                 self._tls.depth = 0  # no forward spans an optimizer step; one that raised is over
         except Exception as exc:  # noqa: BLE001
@@ -414,6 +426,27 @@ class Session:
             self.settling = False
         if self._dirty and now >= self._next_publish:
             self._publish()
+
+    def _before_step(self, optimizer, args, kwargs):
+        if self.active:
+            self.observation.step_started = perf_counter()
+
+    def _backward_wrapper(self, original):
+        session = self
+
+        def backward(*args, **kwargs):
+            start = perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if session.active and not session._compiling():
+                    try:
+                        frame = sys._getframe(1)
+                        session.observation.backward(start, perf_counter(), lambda: session.sites.where(frame))
+                        frame = None
+                    except Exception as exc:  # noqa: BLE001
+                        session.fail("backward-events", exc)
+        return backward
 
     def _autograd_grad_wrapper(self, original):
         session, listeners = self, self._grad_calls
@@ -482,10 +515,39 @@ class Session:
                 continue
             detector = self._owner[found.kind]
             try:
-                message, cost, fix = detector.describe(found)
+                described = detector.describe(found)
+                message, cost, fix = described[:3]
+                fields = self.cost_fields(found)
+                fields.update(described[3] if len(described) > 3 else {})
+                fields.update(self.sites.reached_from(found.where))
             except Exception as exc:  # noqa: BLE001
                 self.fail(detector, exc)
                 continue
-            self.record.finding(found.kind, message, where=found.where, cost=cost, fix=fix,
-                                count=found.count - found.published)
+            entry = self.record.finding(found.kind, message, where=found.where, cost=cost, fix=fix,
+                                        count=found.count - found.published)
+            entry.update(fields)
             found.published = found.count
+        try:
+            self.record.observed = self.observation.as_dict(self.torch, self.step_seconds())
+        except Exception as exc:  # noqa: BLE001
+            self.fail("observed", exc)
+
+    def cost_fields(self, found):
+        """The numeric cost of a finding, for the JSON report and the ranking: `per` (step: a per-step cost,
+        averaged over the optimizer steps observed; one-time: paid once, e.g. at a model's construction), `basis`
+        (measured in this run, or estimate), `seconds_each` (median measured time of one occurrence),
+        `seconds_per_step` and `step_share` (share of the median optimizer step), `bytes` (memory held, when the
+        detector measured it). A detector adds or overrides fields by returning a dict as describe()'s 4th item."""
+        each = found.seconds()
+        once = bool(found.info.get("one_time"))
+        fields = {"per": "one-time" if once else "step", "basis": "measured" if each is not None else "estimate",
+                  "seconds_each": each, "seconds_per_step": None, "step_share": None,
+                  "bytes": found.info.get("bytes")}
+        if each is not None and once:
+            fields["seconds_once"] = each * found.count
+        elif each is not None and self.steps:
+            per_step = each * found.count / self.steps
+            fields["seconds_per_step"] = per_step
+            step = self.step_seconds()
+            fields["step_share"] = per_step / step if step else None
+        return fields

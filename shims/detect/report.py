@@ -1,6 +1,7 @@
 """The report of the observe-only mode: units of a cost, and the findings table (detect mode's own at exit, and
-`python -m shims doctor`'s, which adds the findings of child processes). It only reads receipt dictionaries and
-imports nothing from shims, so both the detectors and the doctor CLI use it without importing each other.
+`python -m shims doctor`'s, which adds the findings of child processes; results.py builds both). It only reads receipt
+dictionaries and imports nothing from shims outside shims.detect, so both the detectors and the doctor CLI use it
+without importing each other.
 """
 
 from __future__ import annotations
@@ -46,71 +47,16 @@ def ms(seconds):
 
 # ---------------------------------------------------------------- the table
 
-def _shown_place(where):
-    """A finding's place, relative to the working directory when it is under it (the JSON keeps it as recorded)."""
-    if not where:
-        return "?"
-    path, sep, line = where.rpartition(":")
-    if not sep or not os.path.isabs(path):
-        return where
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive (Windows)
-        return where
-    return where if relative.startswith("..") else f"{relative}:{line}"
+def format_table(receipt, children=(), ignores=()):
+    """The findings of a receipt dict (and of the receipts of child processes) as plain-text lines, the summary line
+    first (shims.detect.results builds the report: merged, suppressions applied, ranked by cost)."""
+    from shims.detect import results
+    return results.format_table(results.build([receipt, *children], ignores=ignores))
 
 
-def _rows(receipt, pid=None):
-    rows = []
-    for name, rec in receipt.get("patches", {}).items():
-        for finding in rec.get("findings", ()):
-            rows.append((name, pid, finding))
-    return rows
-
-
-def _unobserved(receipt):
-    """Lines for what could not be observed: records in error, and detectors this torch cannot support (refused)."""
-    lines = []
-    for name, rec in receipt.get("patches", {}).items():
-        if rec.get("status") == "error":
-            lines.append(f"  {name}: {rec['status']}: {rec['reason']}")
-        if name == "detect":
-            lines.extend(f"  {name}: {target}: {state['reason']}"
-                         for target, state in rec.get("targets", {}).items() if state.get("status") == "skipped")
-    return lines
-
-
-def format_table(receipt, children=()):
-    """The findings of a receipt dict (and of the receipts of child processes) as plain-text lines."""
-    rows = _rows(receipt)
-    for child in children:
-        rows.extend(_rows(child, child.get("pid")))
-    problems = _unobserved(receipt)
-    if not rows:
-        lines = ["shims doctor: no findings."]
-    else:
-        processes = len({pid for _, pid, _ in rows})
-        kinds = [f["kind"] if name == "detect" else f"{name}:{f['kind']}" for name, _, f in rows]
-        width = max(len(k) for k in kinds)
-        lines = [f"shims doctor: {len(rows)} finding(s)" + (f" in {processes} processes" if processes > 1 else ""),
-                 f"  {'#':>2}  {'kind':<{width}} {'count':>6}  where"]
-        for number, ((name, pid, f), kind) in enumerate(zip(rows, kinds), 1):
-            place = _shown_place(f.get("where")) + (f" (pid {pid})" if pid is not None else "")
-            lines.append(f"  {number:>2}  {kind:<{width}} {f['count']:>6}  {place}")
-            lines.append(f"      {f['message']}")
-            if f.get("cost"):
-                lines.append(f"      cost: {f['cost']}")
-            if f.get("fix"):
-                lines.append(f"      fix:  {f['fix']}")
-    if problems:
-        lines.append("shims could not observe everything:")
-        lines.extend(problems)
-    return lines
-
-
-def print_findings(receipt, children=(), report=None, out=None):
+def print_findings(receipt, children=(), report=None, out=None, ignores=()):
     out = out or sys.stderr
-    lines = format_table(receipt, children)
+    lines = format_table(receipt, children, ignores)
     if report:
         lines.append(f"JSON report: {report}")
     out.write("\n" + "\n".join(lines) + "\n")

@@ -121,19 +121,25 @@ class Forwards(Detector):
             cost = (f"{report.ms(seconds)} per occurrence (measured forward time){session.share(seconds)}; plus its "
                     "dropout draws and BatchNorm statistics updates, which change training")
             patch = session.patch_at(finding.where)
-            fix = (f"the {patch} patch removes this forward: run with SHIMS_MODE=fix (the default)" if patch else
-                   "delete this forward if its result is not needed; if only its value is needed, reuse the output "
-                   "of the forward that is backpropagated, or run it under torch.no_grad()")
-            return message, cost, fix
+            fix = (f"delete the forward at line {_line(finding.where)} if its result is not needed; if only its value "
+                   "is needed, reuse the output of the forward that is backpropagated, or run it under "
+                   "torch.no_grad()")
+            extra = {"alternative": f"the {patch} patch removes this forward: run with SHIMS_MODE=fix (the default)"}
+            return message, cost, fix, (extra if patch else {})
         saved = self._measured_saved.get(finding.where)
         message = (f"{info['name']} in eval mode ran forward with grad enabled; the autograd graph it built was "
                    "never used by a backward")
         cost = (f"{report.size(saved)} of activations saved for backward per call (measured on the first call), "
                 f"held until the outputs are dropped; forward {report.ms(seconds)} (median)") if saved is not None \
             else f"an autograd graph per call; forward {report.ms(seconds)} (median)"
-        fix = ("run the evaluation under `with torch.no_grad():` or torch.inference_mode(), or decorate the "
-               "evaluation function with @torch.no_grad() (as DETR-style evaluate functions do)")
-        return message, cost, fix
+        fix = (f"run the evaluation that reaches line {_line(finding.where)} under `with torch.no_grad():` or "
+               "torch.inference_mode(), or decorate the evaluation function with @torch.no_grad() (as DETR-style "
+               "evaluate functions do)")
+        return message, cost, fix, {"bytes": saved}
+
+
+def _line(where):
+    return (where or "?").rpartition(":")[2]
 
 
 DETECTOR = Forwards
