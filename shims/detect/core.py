@@ -226,6 +226,7 @@ class Session:
     def _start(self):
         watching = []
         self.wrap(self.torch.autograd, "backward", self._backward_wrapper)  # backward passes (summary, timeline)
+        self.wrap(self.torch, "save", self._save_wrapper)  # checkpoints (what fell inside a --profile window)
         pre_hooks = getattr(self.api.optimizer_hooks, "register_optimizer_step_pre_hook", None)
         if pre_hooks is not None:
             self._handles.append(pre_hooks(self._before_step))
@@ -447,6 +448,14 @@ class Session:
                     except Exception as exc:  # noqa: BLE001
                         session.fail("backward-events", exc)
         return backward
+
+    def _save_wrapper(self, original):
+        observation = self.observation
+
+        def save(*args, **kwargs):
+            observation.saves += 1
+            return original(*args, **kwargs)
+        return save
 
     def _autograd_grad_wrapper(self, original):
         session, listeners = self, self._grad_calls

@@ -26,6 +26,8 @@ class Observation:
         self.events = []  # [kind, start, end, where] with kind forward | eval-forward | backward | step
         self.dropped = 0
         self.step_started = None  # perf_counter() at the optimizer step pre-hook (None where torch has none)
+        self.saves = 0  # torch.save calls (checkpoints)
+        self.profile = None  # doctor --profile N: the window, the operators per step, the trace (profile.py)
 
     def forward(self, training, start, end, where_of):
         """An outermost forward ended. `where_of()` gives its call site (asked only while the timeline has room)."""
@@ -74,6 +76,6 @@ class Observation:
             pass
         return {"optimizer_steps": self.steps, "forwards": self.forwards_train, "eval_forwards": self.forwards_eval,
                 "evaluations": self.evaluations, "backwards": self.backwards, "step_seconds": step_seconds,
-                "rank": rank, "world_size": world,
+                "rank": rank, "world_size": world, "checkpoint_saves": self.saves, "profile": self.profile,
                 "timeline": {"events": [list(e) for e in self.events], "dropped": self.dropped,
                              "fields": ["kind", "start", "end", "where"]}}

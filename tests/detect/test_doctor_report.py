@@ -164,3 +164,19 @@ def test_fail_on_and_shims_ignore_refuse_bad_values_naming_what_is_valid(tmp_pat
                       cwd=tmp_path, timeout=60, check=False)
     assert proc.returncode == 2 and "SHIMS_IGNORE='eval-with-grad@train.py'" in proc.stderr
     assert "kind@file:line" in proc.stderr
+
+
+def test_html_report_with_a_profile_shows_the_operator_table_and_links_the_trace(tmp_path):
+    from shims.detect import html, results
+    browser = chromium()
+    trace = tmp_path / "shims-doctor.trace.json"
+    trace.write_text('{"traceEvents": []}')
+    profile = {"window": "optimizer steps 3-4 (2 of 2 profiled), after 2 warm-up steps; inside the window: training "
+                         "steps only (no evaluation, no torch.save)", "steps": 2, "trace": str(trace),
+               "operators": [{"name": "aten::addmm", "calls_per_step": 3.0, "self_cpu_ms_per_step": 0.1}]}
+    page = tmp_path / "report.html"
+    html.write(page, results.Report(summary="no findings; observed 6 optimizer steps"), profile=profile)
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert "<td>aten::addmm</td><td>3.0</td><td>0.100</td>" in dom
+    assert f'href="{trace.as_uri()}"' in dom and "inside the window: training steps only" in dom

@@ -6,6 +6,8 @@
 - A run that ends before the N steps is stopped at exit and says how many were recorded; one that ends within the
   warm-up says nothing was; a script's own running profiler is left alone.
 - Off by default: no step listener, no profiler, no trace file.
+- The window says what fell inside it besides training steps (an evaluation, a torch.save), and the operators are
+  averaged per optimizer step.
 - Bad values are rejected, naming the option (or variable), the value and what is valid.
 """
 
@@ -304,3 +306,30 @@ def test_bad_environment_value_stops_the_doctor_before_the_script(tmp_path):
     proc = run_python(["-m", "shims", "doctor", script], env=clean_env(SHIMS_PROFILE_STEPS="0"), check=False)
     assert proc.returncode == 2
     assert "SHIMS_PROFILE_STEPS='0' is not valid" in proc.stderr and "the script ran" not in proc.stderr
+
+
+# ---------------------------------------------------------------- the window: what fell inside, per-step averages
+
+def test_the_window_says_what_fell_inside_and_averages_per_step(tmp_path):
+    def evaluate_and_save(step):
+        if step == 3:  # after the third optimizer step: inside the window of steps 3-4
+            model = nn.Linear(8, 2).eval()
+            with torch.no_grad():
+                model(torch.randn(4, 8))
+                model(torch.randn(4, 8))
+            torch.save(model.state_dict(), tmp_path / "checkpoint.pt")
+    state = profiled(tmp_path, 2, lambda: train(6, during=evaluate_and_save))
+    assert state["status"] == "applied"
+    profile = shims.status()["patches"]["detect"]["observed"]["profile"]
+    assert profile["steps"] == 2
+    assert "inside the window: 1 evaluation (2 forwards in eval mode), 1 checkpoint save(s) (torch.save)" \
+        in profile["window"]
+    rows = {row["name"]: row for row in profile["operators"]}
+    assert rows["Optimizer.step#SGD.step"]["calls_per_step"] == 1.0
+    assert not any(name.startswith("ProfilerStep") for name in rows)
+
+
+def test_a_window_of_training_steps_only_says_so(tmp_path):
+    profiled(tmp_path, 2, lambda: train(6))
+    profile = shims.status()["patches"]["detect"]["observed"]["profile"]
+    assert profile["window"].endswith("inside the window: training steps only (no evaluation, no torch.save)")
