@@ -205,10 +205,16 @@ def collect(engine, script_status=None):
     path = engine.report_path()
     if path:
         engine.receipt.write(path)
+    missing = detect_report.wait_for_children(path, _STATE.started or 0) if path else {}
     children = child_reports(path, _STATE.started or 0) if path else []
     ignores = getattr(engine.config, "ignores", ())
-    return results.build([engine.receipt.as_dict(), *children], ignores=ignores, script_status=script_status,
-                         syntax_error=_syntax_error(_STATE.script) if script_status else None)
+    report = results.build([engine.receipt.as_dict(), *children], ignores=ignores, script_status=script_status,
+                           syntax_error=_syntax_error(_STATE.script) if script_status else None)
+    report.problems += tuple(f"pid {pid} started observing but its report is missing: {why}"
+                             for pid, why in missing.items())
+    if missing:
+        report.summary += f"; {len(missing)} more process(es) started observing and wrote no report (below)"
+    return report
 
 
 def _final_report(script_status):

@@ -84,7 +84,24 @@ def install(engine):
         session.record.target(f"{TARGET}.{name}", "error", f"detector module failed to import: {problem}")
     session.start()
     _CURRENT = session
+    from shims import config
+    path = engine.report_path()
+    if path and config.is_child() and _runs_a_script():
+        from shims.detect import report
+        report.mark_started(path)  # the doctor waits for this process's report (bounded)
     return session.revert
+
+
+def _runs_a_script():
+    """Whether this process runs a script of the user's (rank 1 of Lightning's strategy="ddp" runs the training
+    script again), not a helper that lives in an installed package (a compiler's worker pool, which outlives the
+    script: the doctor must not wait for it)."""
+    import os
+    import sys
+    first = sys.argv[0] if getattr(sys, "argv", None) else ""
+    where = first.replace(os.sep, "/")
+    return first.endswith(".py") and os.path.isfile(first) and "/site-packages/" not in where \
+        and "/dist-packages/" not in where
 
 
 def flush(final=False):

@@ -99,7 +99,7 @@ class Session:
         self._step_last, self._step_count, self._step_intervals = {}, {}, {}
         self._device_checked = set()
         self._storages = {}  # module id -> storage pointers of its parameters and buffers
-        self.observation = Observation()  # what was observed, findings or not (the report's summary, the timeline)
+        self.observation = Observation(torch)  # what was observed, findings or not (the report's summary, the timeline)
 
     # ------------------------------------------------------------------ what detectors call
 

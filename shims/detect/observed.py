@@ -15,7 +15,9 @@ TIMELINE_EVENTS = 600  # events kept for the timeline (the first ones of the run
 
 
 class Observation:
-    def __init__(self):
+    def __init__(self, torch=None):
+        self.torch = torch
+        self.rank = self.world_size = None  # read while training (a process group is often gone at exit)
         self.origin = perf_counter()
         self.steps = 0
         self.forwards_train = 0
@@ -48,6 +50,8 @@ class Observation:
 
     def step(self, end):
         self.steps += 1
+        if self.rank is None:
+            self.rank, self.world_size = _rank(self.torch)
         self._in_eval = False
         start = self.step_started if self.step_started is not None else end
         self.step_started = None
@@ -67,15 +71,20 @@ class Observation:
 
     def as_dict(self, torch, step_seconds):
         """The receipt's `observed`: counts, the median optimizer step, the rank, the timeline."""
-        rank = world = None
-        dist = getattr(torch, "distributed", None)
-        try:
-            if dist is not None and dist.is_available() and dist.is_initialized():
-                rank, world = dist.get_rank(), dist.get_world_size()
-        except Exception:  # noqa: BLE001 - a process group being torn down
-            pass
+        rank, world = (self.rank, self.world_size) if self.rank is not None else _rank(torch)
         return {"optimizer_steps": self.steps, "forwards": self.forwards_train, "eval_forwards": self.forwards_eval,
                 "evaluations": self.evaluations, "backwards": self.backwards, "step_seconds": step_seconds,
                 "rank": rank, "world_size": world, "checkpoint_saves": self.saves, "profile": self.profile,
                 "timeline": {"events": [list(e) for e in self.events], "dropped": self.dropped,
                              "fields": ["kind", "start", "end", "where"]}}
+
+
+def _rank(torch):
+    """(rank, world size) in an initialised process group, else (None, None)."""
+    dist = getattr(torch, "distributed", None)
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:  # noqa: BLE001 - a process group being torn down
+        pass
+    return None, None

@@ -81,3 +81,67 @@ def child_reports(report, since):
         except (OSError, ValueError):
             continue
     return found
+
+
+STARTED = ".started"  # beside a child's report: written when its detect mode starts, so the parent knows to wait
+CHILD_WAIT = 60.0  # seconds the doctor waits, at most, for processes that started detect mode to write their report
+
+
+def mark_started(report):
+    """In a process started by the run: say, beside the report it will write at exit, that it is observing."""
+    try:
+        with open(report + STARTED, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    """Whether process `pid` still runs (a zombie, exited but not reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_for_children(report, since, timeout=CHILD_WAIT):
+    """Wait until every process of this run that started detect mode (its `.started` mark) has written its report,
+    or has ended without one, at most `timeout` seconds (Lightning's strategy="ddp" starts rank 1 with
+    subprocess.Popen and does not wait for it). Returns {pid: why its report is missing} for the others."""
+    import glob
+    import time
+    root, ext = os.path.splitext(report)
+    marks = {}
+    for path in glob.glob(f"{glob.escape(root)}.*{ext}{STARTED}"):
+        middle = path[len(root) + 1:len(path) - len(ext) - len(STARTED)]
+        try:
+            if middle.isdigit() and int(middle) != os.getpid() and os.path.getmtime(path) >= since:
+                marks[int(middle)] = (path[:-len(STARTED)], os.path.getmtime(path))
+        except OSError:
+            continue
+
+    def written(pid):
+        path, started = marks[pid]
+        try:
+            return os.path.getmtime(path) >= started
+        except OSError:
+            return False
+    deadline = time.time() + timeout
+    pending = {pid for pid in marks if not written(pid)}
+    while pending and time.time() < deadline:
+        pending = {pid for pid in pending if not written(pid) and _alive(pid)}
+        if pending:
+            time.sleep(0.1)
+    missing = {}
+    for pid in sorted(pid for pid in marks if not written(pid)):
+        missing[pid] = (f"still running after {timeout:.0f} s" if _alive(pid) else
+                        "ended without writing one (killed, or left through os._exit)")
+    return missing
+

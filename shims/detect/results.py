@@ -246,9 +246,10 @@ def summarize(report, script_status=None, syntax_error=None):
     seen = [_plural(o.optimizer_steps, "optimizer step"), _plural(o.forwards, "training forward"),
             _plural(o.backwards, "backward pass"),
             f"{_plural(o.evaluations, 'evaluation')} ({_plural(o.eval_forwards, 'forward')})"]
-    where = [p for p in o.processes if p.startswith("rank ")]
-    seen.append(f"on {', '.join(sorted(where, key=lambda p: int(p.split()[1])))}" if where
-                else _plural(len(o.processes), "process"))
+    ranks = sorted((p for p in o.processes if p.startswith("rank ")), key=lambda p: int(p.split()[1]))
+    others = len(o.processes) - len(ranks)
+    seen.append(f"on {', '.join(ranks)}" + (f" (and {_plural(others, 'other process')})" if others else "")
+                if ranks else _plural(len(o.processes), "process"))
     observed = "observed " + ", ".join(seen)
     quiet = f" ({len(report.suppressed)} suppressed)" if report.suppressed else ""
     if report.findings:

@@ -204,9 +204,51 @@ def test_doctor_observes_spawned_ddp_workers_and_merges_their_findings(tmp_path)
         assert len(child["patches"]["ddp"]["findings"]) == 1  # the ddp patch's check, once per worker
     # one row per site, merged over the two ranks (they agree: no per-rank column); the launcher's JSON holds them
     assert re.search(r"\d+\s+ddp:\S+\s+2\s+\S+\s+.*train_ddp\.py:\d+\n", proc.stderr)
-    assert re.search(rf"\d+\s+eval-with-grad\s+2\s+\S+\s+{re.escape(eval_line)}\n", proc.stderr)
-    assert "on rank 0, rank 1" in proc.stderr
+    shown = os.path.relpath(eval_line, tmp_path)  # the table shows places under the working directory relative
+    assert re.search(rf"\d+\s+eval-with-grad\s+2\s+\S+\s+{re.escape(shown)}\n", proc.stderr)
+    assert "on rank 0, rank 1 (and 1 other process)" in proc.stderr  # the launcher
     with open(tmp_path / "shims-doctor.json") as f:
         merged = json.load(f)["doctor"]["findings"]
     assert sorted((f["kind"].split(":")[0], f["count"], [p for p, _ in f["ranks"]]) for f in merged) == \
         [("ddp", 2, ["rank 0", "rank 1"]), ("eval-with-grad", 2, ["rank 0", "rank 1"])]
+
+
+@pytest.mark.slow
+def test_doctor_waits_for_a_process_the_script_started_and_did_not_wait_for(tmp_path):
+    """Lightning's strategy="ddp" starts rank 1 with subprocess.Popen and returns without waiting: the doctor waits
+    (bounded) for every process that started observing, and its findings are in the report."""
+    worker = write(tmp_path / "worker.py", """
+        import sys
+        import time
+        import torch
+
+        open(sys.argv[1], "w").close()  # joined (Lightning: the process group's rendezvous); the launcher returns
+        time.sleep(3)  # slower than the launcher
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(2, 4)).sum().backward()
+            optimizer.step()
+        model.eval()
+        late = model(torch.randn(2, 4))
+    """)
+    launcher = write(tmp_path / "launch.py", f"""
+        import os
+        import subprocess
+        import sys
+        import time
+        import torch
+
+        subprocess.Popen([sys.executable, {str(worker)!r}, {str(tmp_path / "joined")!r}])
+        while not os.path.exists({str(tmp_path / "joined")!r}):
+            time.sleep(0.05)
+        print("launched")
+    """)
+    proc = run_python(["-m", "shims", "doctor", launcher], cwd=tmp_path, timeout=240)
+    late = line_with(worker, "late = model(torch.randn(2, 4))")
+    shown = os.path.relpath(late, tmp_path)
+    assert re.search(rf"\d+\s+eval-with-grad\s+1\s+\S+\s+{re.escape(shown)}\n", proc.stderr), proc.stderr[-2000:]
+    assert "observed 3 optimizer steps" in proc.stderr and "2 processes" in proc.stderr
+    with open(tmp_path / "shims-doctor.json") as f:
+        assert [f["kind"] for f in json.load(f)["doctor"]["findings"]] == ["eval-with-grad"]
