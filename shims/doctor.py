@@ -1,6 +1,6 @@
 """`python -m shims doctor [OPTIONS] SCRIPT ARGS`: run a script unchanged in observe-only mode, then report.
 
-    --profile N        torch.profiler over N optimizer steps (shims/detect/detectors/profile.py)
+    --profile N        torch.profiler over N optimizer steps (shims/detect/profiling.py)
     --fail-on KINDS    exit 1 when a finding of one of these kinds (comma list, or `any`) is made and the script
                        itself succeeded (the script's own failure status always wins)
     --sarif PATH       the findings as SARIF 2.1.0 (shims/detect/sarif.py)

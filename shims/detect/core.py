@@ -5,7 +5,7 @@ shims.detect.detector.Detector).
                 - the events: every module call, each outermost forward with grad on that built a graph (with its
                   time and call site), each optimizer step; the global hooks behind them are registered once;
                 - the optimizer-step clock (steps seen, median step interval) and the device being trained on;
-                - call-site attribution (sites.py), graph watches (graphs.py), the torch APIs (compat.py);
+                - call-site attribution (sites.py), graph tracking (graphs.py), the torch APIs (compat.py);
                 - wrapping attributes with plain functions, and putting every one back on revert;
                 - aggregation of findings by (kind, place), their cost units, writing them into the receipt record
                   "detect" at safe points (after a forward, after an optimizer step, at flush; never from a GC
@@ -26,7 +26,7 @@ from time import perf_counter
 from shims.detect import report, tensors
 from shims.detect.compat import TorchAPI
 from shims.detect.detector import Finding
-from shims.detect.graphs import GraphWatches, saved_activation_bytes, storages_of
+from shims.detect.graphs import GraphTracker, saved_activation_bytes, storages_of
 from shims.detect.observed import Observation
 from shims.detect.sites import CallSites
 
@@ -77,7 +77,7 @@ class Session:
         self.record = engine.receipt.record(RECORD, summary=SUMMARY, docs=DOCS)
         self.api = TorchAPI(torch)
         self.sites = CallSites(torch, engine)
-        self.graphs = GraphWatches()
+        self.graphs = GraphTracker()
         self.detectors = [cls(self) for cls in detector_classes]
         self.active = False
         self.settling = False  # graphs handed over now are final for their step (step end, final flush)
@@ -147,10 +147,10 @@ class Session:
         """fn() at revert (a handle to remove, a table entry to delete), in reverse order of registration."""
         self._undo.append(fn)
 
-    def watch_graph(self, detector, nodes, item, callback):
+    def track_graph(self, detector, nodes, item, callback):
         """callback(item, reached) once autograd frees the graph of `nodes` (graphs.py); alive at the end of the run:
         take them with take_alive_graphs(detector)."""
-        self.graphs.watch(detector, nodes, item, callback)
+        self.graphs.track(detector, nodes, item, callback)
 
     def take_alive_graphs(self, detector):
         return self.graphs.take_alive(detector)
@@ -240,8 +240,8 @@ class Session:
             for kind in detector.kinds:
                 self._owner[kind] = detector
             detector.install()
-            if detector.watches:  # empty: nothing observed (the profiler when off)
-                watching.append(detector.watches)
+            if detector.observes:  # empty: nothing observed (the profiler when off)
+                watching.append(detector.observes)
         if self.api.step_hooks is not None:
             self._handles.append(self.api.step_hooks(self._after_step))
             watching.insert(min(1, len(watching)), "optimizer steps")

@@ -247,7 +247,7 @@ def test_off_by_default_subscribes_to_nothing(tmp_path, monkeypatch):
 
 
 def test_sort_key_is_device_time_by_the_name_this_torch_uses():
-    from shims.detect.detectors.profile import _sort_key
+    from shims.detect.profiling import _sort_key
     new = types.SimpleNamespace(self_device_time_total=5, self_cpu_time_total=1)
     old = types.SimpleNamespace(self_cuda_time_total=5, self_cpu_time_total=1)  # torch before the rename
     assert _sort_key([new], "cuda") == ("self_device_time_total", "self CUDA time")

@@ -32,7 +32,7 @@ class ConvBias(Detector):
     name = "conv-bias"
     kinds = {"conv-bias-batchnorm": "a convolution with a bias feeding straight into BatchNorm, which cancels the "
                                     "bias"}
-    watches = "convolutions feeding BatchNorm"
+    observes = "convolutions feeding BatchNorm"
 
     def install(self):
         nn, session = self.session.torch.nn, self.session

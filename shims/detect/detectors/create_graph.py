@@ -5,7 +5,7 @@
                           kept a second autograd graph, and (retain_graph defaults to create_graph) the forward's too
 
 Watches: torch.autograd.grad calls with create_graph=True made by user or framework code (session.on_autograd_grad:
-the one wrapper the detectors share), and the graph its results carry (session.watch_graph).
+the one wrapper the detectors share), and the graph its results carry (session.track_graph).
 Judges: once that graph is freed, or at the end of the run if still alive: never reached by a backward or another
 autograd.grad. Silent when a later backward goes through the derivatives (gradient penalty, a PINN residual loss,
 MAML's inner step, a second derivative taken from the first) and when no result depends on anything requiring grad.
@@ -28,7 +28,7 @@ class CreateGraph(Detector):
     name = "create-graph"
     kinds = {"create-graph-unused": "torch.autograd.grad(create_graph=True) whose graph of derivatives no later "
                                     "backward used"}
-    watches = "torch.autograd.grad(create_graph=True)"
+    observes = "torch.autograd.grad(create_graph=True)"
     needs = ("node_prehooks",)
 
     def install(self):
@@ -64,7 +64,7 @@ class CreateGraph(Detector):
                 return  # no derivative depends on anything that requires grad: no second graph was built
             if forward_saved is not None:
                 self._extra_bytes[where] = saved_activation_bytes(nodes, forward_saved)
-            session.watch_graph(self, nodes, (where, seconds), self.graph_freed)
+            session.track_graph(self, nodes, (where, seconds), self.graph_freed)
         return done
 
     def graph_freed(self, call, reached):

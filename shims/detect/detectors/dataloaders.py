@@ -34,7 +34,7 @@ class DataLoaders(Detector):
         "dataloader-workers": "num_workers=0 while accelerator training waits for data",
         "dataloader-pin-memory": "pin_memory=False while host batches feed accelerator training",
     }
-    watches = "DataLoaders"
+    observes = "DataLoaders"
     needs = ("step_hooks",)
 
     def install(self):

@@ -49,7 +49,7 @@ class DeviceCopies(Detector):
     name = "device-copies"
     kinds = {"data-copied-every-epoch": "the same host data copied to the device every epoch although all of it "
                                         "would fit in device memory"}
-    watches = "host-to-device copies"
+    observes = "host-to-device copies"
 
     def install(self):
         from torch.utils.data import TensorDataset, dataloader

@@ -27,7 +27,7 @@ _MATMUL = ("Mm", "Addmm", "Bmm", "Baddbmm", "Addbmm", "Matmul", "Linear", "Scale
 class Float32Training(Detector):
     name = "float32-training"
     kinds = {"float32-no-autocast": "float32 training without autocast on a device with tensor cores (TF32 off)"}
-    watches = "float32 forwards on tensor-core devices"
+    observes = "float32 forwards on tensor-core devices"
     needs = ("step_hooks",)
 
     def install(self):

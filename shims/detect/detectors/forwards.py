@@ -4,7 +4,7 @@
                      ran another forward on the very same input tensor in that optimizer step (doctr #1861)
     eval-with-grad   a module in eval mode run with grad enabled, graph never used: an evaluation building graphs
 
-Watches: each outermost forward with grad on (session.on_forward), its graph (session.watch_graph), optimizer steps.
+Watches: each outermost forward with grad on (session.on_forward), its graph (session.track_graph), optimizer steps.
 Judges: a freed graph never reached. A training forward waits for the end of its optimizer step, since a later forward
 on the same input in that step makes it a duplicate; a lone unused training forward (a skipped batch) is no finding.
 Cost: the measured forward time and its share of the step; for eval, the activations the graph saves (first call).
@@ -36,7 +36,7 @@ class Forwards(Detector):
                           "the same optimizer step",
         "eval-with-grad": "a module in eval mode run with grad enabled; the graph it built was never used",
     }
-    watches = "forwards"
+    observes = "forwards"
     needs = ("node_prehooks", "graph_task_id", "step_hooks")
 
     def install(self):
@@ -56,7 +56,7 @@ class Forwards(Detector):
                                  forward)
         elif forward.where not in self._measured_saved:
             self._measured_saved[forward.where] = session.saved_bytes(module, call.nodes)
-        session.watch_graph(self, call.nodes, forward, self.graph_freed)
+        session.track_graph(self, call.nodes, forward, self.graph_freed)
 
     def _group_by_input(self, module_id, tensor, forward):
         """Link forwards of one module on the very same input tensor object within one optimizer step (doctr's

@@ -36,7 +36,7 @@ class GradScalerMissing(Detector):
     name = "grad-scaler"
     kinds = {"float16-no-grad-scaler": "backward of a loss computed under float16 autocast on an accelerator "
                                        "without a GradScaler: small gradients underflow to zero"}
-    watches = "float16 autocast and GradScaler"
+    observes = "float16 autocast and GradScaler"
     needs = ("step_hooks",)
 
     def missing(self, api):

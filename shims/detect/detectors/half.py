@@ -31,7 +31,7 @@ class _Halved:
 class HalfEval(Detector):
     name = "half"
     kinds = {"half-eval": ".half() / .to(float16) on a module with normalisation layers, then evaluated in float16"}
-    watches = ".half()/.to(float16)"
+    observes = ".half()/.to(float16)"
 
     def install(self):
         self._halved = {}  # id(module) -> _Halved

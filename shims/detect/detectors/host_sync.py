@@ -28,7 +28,7 @@ READS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__repr__"
 class HostSync(Detector):
     name = "host-sync"
     kinds = {"host-sync": "a host read of an accelerator tensor (.item(), .cpu(), printing...) in most training steps"}
-    watches = "host reads of tensors"
+    observes = "host reads of tensors"
     needs = ("step_hooks",)
 
     def install(self):

@@ -39,7 +39,7 @@ class ForLoopOptimizers(Detector):
     name = "optimizers"
     kinds = {"optimizer-for-loop": "an optimizer updating accelerator parameters one tensor at a time (neither "
                                    "foreach nor fused)"}
-    watches = "optimizer implementations"
+    observes = "optimizer implementations"
     needs = ("step_hooks",)
 
     def install(self):

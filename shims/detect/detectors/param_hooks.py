@@ -58,7 +58,7 @@ class ParamHooks(Detector):
         "hook-in-autograd-grad": "a parameter's tensor hook fired by torch.autograd.grad",
         "hook-fired-twice": "tensor hooks registered at one place on one parameter fired twice in one backward",
     }
-    watches = "parameter tensor hooks"
+    observes = "parameter tensor hooks"
     needs = ("graph_task_id",)
 
     def install(self):

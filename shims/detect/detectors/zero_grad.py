@@ -49,7 +49,7 @@ def _gradient_bytes(owner, optimizer_type):
 class ZeroGrad(Detector):
     name = "zero-grad"
     kinds = {"zero-grad-filled": "zero_grad(set_to_none=False): gradients zero-filled every step instead of released"}
-    watches = "zero_grad calls"
+    observes = "zero_grad calls"
 
     def install(self):
         torch = self.session.torch

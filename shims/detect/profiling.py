@@ -28,9 +28,10 @@ _DEVICE_ACTIVITIES = {"cuda": "CUDA", "xpu": "XPU", "mtia": "MTIA", "hpu": "HPU"
 
 
 class Profile(Detector):
+    """Installed by the session after the detectors (shims/detect/__init__.py), never found as one."""
     name = "profile"
     kinds = {}
-    watches = ""  # joins the receipt's "observing ..." line only when profiling is on (set in install)
+    observes = ""  # joins the receipt's "observing ..." line only when profiling is on (set in install)
 
     def install(self):
         config = self.session.engine.config
@@ -47,7 +48,7 @@ class Profile(Detector):
             self._say(f"not profiled: {reason}")
             self.session.record.target(self.target, "skipped", f"--profile {self.steps}: {reason}")
             return
-        self.watches = f"torch.profiler over {self.steps} optimizer step(s)"
+        self.observes = f"torch.profiler over {self.steps} optimizer step(s)"
         self._installed_at = time.time()
         self._clock = None  # weak reference to the optimizer whose steps are counted
         self._seen = 0
@@ -282,5 +283,3 @@ def _sort_key(events, device):
             return name, f"self {device.upper()} time"
     return "self_cpu_time_total", "self CPU time"
 
-
-DETECTOR = Profile
