@@ -22,11 +22,36 @@ class _Forward:
     """One outermost forward with grad on, waiting to learn whether a backward reaches its outputs.
     `repeats`: forwards of the same module on the very same input tensor in the same optimizer step (1 = alone)."""
 
-    __slots__ = ("name", "training", "seconds", "where", "reached", "judged", "repeats")
+    __slots__ = ("name", "training", "seconds", "where", "reached", "judged", "repeats", "group")
 
     def __init__(self, name, training, seconds, where):
         self.name, self.training, self.seconds, self.where = name, training, seconds, where
-        self.reached, self.judged, self.repeats = False, False, 1
+        self.reached, self.judged, self.repeats, self.group = False, False, 1, None
+
+
+class _EvalGroup:
+    """Eval-mode forwards of different modules made by one running frame, one after the other: the layers of one
+    model run by a framework's loop (`for m in self.model: x = m(x)`, ultralytics' `_predict_once`) when the model's
+    own forward was called directly, not through `model(...)`: one model forward, counted once.
+    `constructing`: the class whose __init__ was running (a one-time probe at a model's construction)."""
+
+    __slots__ = ("key", "modules", "seconds", "finding", "constructing", "closed")
+
+    def __init__(self, key, constructing):
+        self.key, self.modules, self.seconds, self.finding = key, set(), 0.0, None
+        self.constructing, self.closed = constructing, False
+
+    def counted(self, finding):
+        """The first unused layer of this model forward was judged: one occurrence; its time once all ran."""
+        finding.count += 1
+        self.finding = finding
+        if self.closed:
+            finding.samples.append(self.seconds)
+
+    def close(self):
+        self.closed = True
+        if self.finding is not None:
+            self.finding.samples.append(self.seconds)
 
 
 class Forwards(Detector):
@@ -43,6 +68,7 @@ class Forwards(Detector):
         self._same_input = {}  # module id -> [(weakref to first input tensor, [_Forward...])] in this step
         self._waiting = []  # unused training forwards, judged when their optimizer step ends
         self._measured_saved = {}  # where -> bytes of activations an eval graph saves (first call measured)
+        self._eval_group = None  # the _EvalGroup eval forwards are joining now
         self.session.on_forward(self, self.forward_done)
         self.session.on_step(self, self.step_done)
 
@@ -54,9 +80,23 @@ class Forwards(Detector):
         if training:
             self._group_by_input(id(module), tensors.first_tensor(session.torch.Tensor, call.args, call.kwargs),
                                  forward)
-        elif forward.where not in self._measured_saved:
-            self._measured_saved[forward.where] = session.saved_bytes(module, call.nodes)
+        else:
+            forward.group = self._join_eval_group(module, call)
+            if forward.where not in self._measured_saved:
+                self._measured_saved[forward.where] = session.saved_bytes(module, call.nodes)
         session.track_graph(self, call.nodes, forward, self.graph_freed)
+
+    def _join_eval_group(self, module, call):
+        frame = self.session.sites.user_frame(call._frame)
+        key = (id(frame), getattr(frame, "f_code", None), call.where)  # one frame, one line: `x = m(x)` in a loop
+        group = self._eval_group
+        if group is None or group.key != key or id(module) in group.modules:
+            if group is not None:
+                group.close()
+            group = self._eval_group = _EvalGroup(key, _constructing(frame, self.session.torch.nn.Module))
+        group.modules.add(id(module))
+        group.seconds += call.seconds
+        return group
 
     def _group_by_input(self, module_id, tensor, forward):
         """Link forwards of one module on the very same input tensor object within one optimizer step (doctr's
@@ -85,11 +125,16 @@ class Forwards(Detector):
             self._judge(forward)
 
     def step_done(self, optimizer):
+        if self._eval_group is not None:
+            self._eval_group.close()
+            self._eval_group = None
         while self._waiting:
             self._judge(self._waiting.pop())
         self._same_input.clear()  # a new optimizer step: forwards from now on are compared among themselves
 
     def finish(self):
+        if self._eval_group is not None:
+            self._eval_group.close()
         while self._waiting:
             self._judge(self._waiting.pop())
         for forward, reached in self.session.take_alive_graphs(self):
@@ -101,9 +146,17 @@ class Forwards(Detector):
             return
         forward.judged = True
         if not forward.training:
+            group = forward.group
+            if group is not None and group.finding is not None:
+                return  # another layer of a model forward already counted
             found = self.session.finding("eval-with-grad", forward.where)
-            found.add(forward.seconds)
-            found.info["name"] = forward.name
+            if group is None:
+                found.add(forward.seconds)
+            else:
+                group.counted(found)  # its time: the whole model forward
+            found.info["name"] = forward.name if group is None or len(group.modules) < 2 else "a model"
+            if group is not None and group.constructing:
+                found.info["one_time"] = group.constructing
             return
         if forward.repeats < 2:
             return  # no other forward on this input in its step (a skipped batch, a metric pass): not a duplicate
@@ -129,6 +182,14 @@ class Forwards(Detector):
         saved = self._measured_saved.get(finding.where)
         message = (f"{info['name']} in eval mode ran forward with grad enabled; the autograd graph it built was "
                    "never used by a backward")
+        if info.get("one_time"):
+            message += (f", during the construction of {info['one_time']} ({info['one_time']}.__init__): once per "
+                        "model built, not per training step")
+            cost = (f"one-time: forward {report.ms(seconds)} (median) per model built" if seconds is not None else
+                    "one-time, per model built")
+            fix = ("nothing to change in a training loop: a one-time cost of building the model (the framework "
+                   f"could run this forward under torch.no_grad() in {info['one_time']}.__init__)")
+            return message, cost, fix, {"bytes": saved}
         cost = (f"{report.size(saved)} of activations saved for backward per call (measured on the first call), "
                 f"held until the outputs are dropped; forward {report.ms(seconds)} (median)") if saved is not None \
             else f"an autograd graph per call; forward {report.ms(seconds)} (median)"
@@ -136,6 +197,17 @@ class Forwards(Detector):
                "torch.inference_mode(), or decorate the evaluation function with @torch.no_grad() (as DETR-style "
                "evaluate functions do)")
         return message, cost, fix, {"bytes": saved}
+
+
+def _constructing(frame, module_type):
+    """The class of the nn.Module whose __init__ is running at or above `frame`, or None."""
+    while frame is not None:
+        if frame.f_code.co_name == "__init__":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, module_type):
+                return type(owner).__name__
+        frame = frame.f_back
+    return None
 
 
 def _line(where):
