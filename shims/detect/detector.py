@@ -21,7 +21,8 @@ class Detector:
     detector is switched off (after an error it raised, or on revert): wrappers it installs check it first."""
 
     name = ""  # short identifier: the receipt target torch:detectors.<name> when refused or failed
-    kinds = {}  # kind -> one line: what a finding of that kind means (docs/detect.md must list every kind)
+    kinds = {}  # kind -> one line: what a finding of that kind means
+    docs = {}  # kind -> (what, count, cost, fix): its row of docs/detect.md's table (shims/detect/catalogue.py)
     observes = ""  # what it observes, in words (the receipt's "observing ..." line)
     needs = ()  # compat.TorchAPI features it cannot work without: refused, with the reason, where one is absent
 

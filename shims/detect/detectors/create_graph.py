@@ -28,6 +28,18 @@ class CreateGraph(Detector):
     name = "create-graph"
     kinds = {"create-graph-unused": "torch.autograd.grad(create_graph=True) whose graph of derivatives no later "
                                     "backward used"}
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'create-graph-unused': (
+            '`torch.autograd.grad(..., create_graph=True)` whose graph of derivatives no later backward (or '
+            'autograd.grad) went through before it was freed or the run ended: the derivatives were needed as values '
+            "only (the speed article's PINN case); silent when a loss built from them is backpropagated (gradient "
+            'penalty, PINN residual loss, a second derivative taken from the first)',
+            'calls',
+            "measured on the first call at that line: bytes that graph saves beyond the forward graph's; the call's "
+            'time (median) and share of the step',
+            'drop `create_graph=True` (`retain_graph=True` if a later backward needs the forward)',
+        ),
+    }
     observes = "torch.autograd.grad(create_graph=True)"
     needs = ("node_prehooks",)
 

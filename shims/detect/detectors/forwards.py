@@ -61,6 +61,25 @@ class Forwards(Detector):
                           "the same optimizer step",
         "eval-with-grad": "a module in eval mode run with grad enabled; the graph it built was never used",
     }
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'unused-forward': (
+            'a forward with grad, module in train mode, whose autograd graph no backward ever used, while the module '
+            'ran another forward on the very same input tensor in that optimizer step (doctr #1861)',
+            'unused forwards',
+            'measured forward time, and its share of the median optimizer step',
+            'delete the forward (doctr: the doctr patch, `SHIMS_MODE=fix`)',
+        ),
+        'eval-with-grad': (
+            'a module in eval mode run with grad enabled whose graph no backward used: an evaluation building '
+            'autograd graphs; the layers of one model run one after another from one line of one frame (`for m in '
+            "self.model: x = m(x)`, when a framework calls the model's `forward` directly) count as one model "
+            "forward; a forward while an `nn.Module`'s `__init__` runs (ultralytics' stride probe in "
+            '`DetectionModel.__init__`) is marked one-time (per model built) and ranked below per-step costs',
+            'model forwards',
+            'activations saved for backward, measured on the first call at that line; forward time',
+            '`torch.no_grad()` / `torch.inference_mode()` / `@torch.no_grad()`',
+        ),
+    }
     observes = "forwards"
     needs = ("node_prehooks", "graph_task_id", "step_hooks")
 

@@ -28,6 +28,15 @@ READS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__repr__"
 class HostSync(Detector):
     name = "host-sync"
     kinds = {"host-sync": "a host read of an accelerator tensor (.item(), .cpu(), printing...) in most training steps"}
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'host-sync': (
+            '`.item()`, `.cpu()`, `.tolist()`, `float()`, `int()`, `bool()`, `print`/`format` of an accelerator '
+            'tensor, called directly by your code in at least half of the optimizer steps (3 at least)',
+            'calls',
+            'measured time blocked per call, per step, and share of the step',
+            'keep values on the device, read them every N steps',
+        ),
+    }
     observes = "host reads of tensors"
     needs = ("step_hooks",)
 

@@ -58,6 +58,21 @@ class ParamHooks(Detector):
         "hook-in-autograd-grad": "a parameter's tensor hook fired by torch.autograd.grad",
         "hook-fired-twice": "tensor hooks registered at one place on one parameter fired twice in one backward",
     }
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'hook-in-autograd-grad': (
+            'a tensor hook registered with `param.register_hook` fired inside `torch.autograd.grad`, which never '
+            'writes `.grad` (ColossalAI #5601)',
+            'spurious firings',
+            'measured time of the hook itself per spurious firing',
+            '`register_post_accumulate_grad_hook` (ColossalAI: the colossalai patch)',
+        ),
+        'hook-fired-twice': (
+            'hooks registered at one place on one parameter fired twice in one backward (registered twice)',
+            'backwards with a double firing',
+            "the hook's work done twice",
+            'register once per parameter',
+        ),
+    }
     observes = "parameter tensor hooks"
     needs = ("graph_task_id",)
 

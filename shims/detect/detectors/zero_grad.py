@@ -49,6 +49,17 @@ def _gradient_bytes(owner, optimizer_type):
 class ZeroGrad(Detector):
     name = "zero-grad"
     kinds = {"zero-grad-filled": "zero_grad(set_to_none=False): gradients zero-filled every step instead of released"}
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'zero-grad-filled': (
+            '`optimizer.zero_grad(set_to_none=False)` or `model.zero_grad(set_to_none=False)` zero-filling existing '
+            "gradients (the profiler's `GradNotSetToNonePattern`); silent on the default and `set_to_none=True`, and "
+            'on a call with no gradient yet',
+            'calls that zero-filled',
+            'measured: bytes of gradients written with zeros per call (kept allocated through the next forward), '
+            'host time of the call and its share of the step',
+            '`zero_grad()` (`set_to_none=True`, the default since torch 2.0)',
+        ),
+    }
     observes = "zero_grad calls"
 
     def install(self):
