@@ -60,6 +60,29 @@ class ForwardCall:
         return self._where
 
 
+class Call:
+    """One intercepted call (Session.intercept): valid during the call only (it holds the caller's frame)."""
+
+    __slots__ = ("original", "args", "kwargs", "frame", "result", "seconds", "state")
+    WAITING, RAISED, DONE = 0, 1, 2
+
+    def __init__(self, original, args, kwargs, frame):
+        self.original, self.args, self.kwargs, self.frame = original, list(args), kwargs, frame
+        self.result, self.seconds, self.state = None, None, Call.WAITING
+
+    def proceed(self):
+        """Run the original with the (possibly replaced) arguments; its time in `seconds`."""
+        start = perf_counter()
+        try:
+            self.result = self.original(*self.args, **self.kwargs)
+        except BaseException:
+            self.state = Call.RAISED
+            raise
+        self.seconds = perf_counter() - start
+        self.state = Call.DONE
+        return self.result
+
+
 class _Depth(threading.local):
     depth = 0
     start = 0.0
@@ -142,6 +165,30 @@ class Session:
         setattr(owner, attribute, wrapper)
         self._wrapped.append((owner, attribute, original, wrapper, owned))
         return current
+
+    def intercept(self, detector, owner, attribute, on_call, when=None):
+        """Replace owner.attribute (a method or function) so that each call made while `detector.on`, `when(*args,
+        **kwargs)` (a cheap first test, optional) and not while dynamo traces, runs `on_call(call)` instead, which
+        returns what the caller gets: `call.proceed()` runs the original (once; `call.seconds` its time),
+        `call.args` (a list: a detector may replace an argument), `call.kwargs`, `call.frame` (the caller's).
+        Written once here: a detector that raises is switched off and named in the receipt, and the call still
+        returns what the original returns; an exception of the original itself reaches the caller unchanged."""
+        session = self
+
+        def make(original):
+            def intercepted(*args, **kwargs):
+                if not detector.on or (when is not None and not when(*args, **kwargs)) or session._compiling():
+                    return original(*args, **kwargs)
+                call = Call(original, args, kwargs, sys._getframe(1))
+                try:
+                    return on_call(call)
+                except BaseException as exc:
+                    if call.state == Call.RAISED:
+                        raise  # the original's own exception
+                    session.fail(detector, exc)
+                    return call.result if call.state == Call.DONE else original(*args, **kwargs)
+            return intercepted
+        return self.wrap(owner, attribute, make)
 
     def add_undo(self, fn):
         """fn() at revert (a handle to remove, a table entry to delete), in reverse order of registration."""
