@@ -65,7 +65,7 @@ def test_doctor_reports_each_mistake_of_the_demo_at_its_line(demo_runs):
         ("hook-in-autograd-grad", line_with(DEMO, "param.register_hook(self.queue)")): 2 * epochs * steps_per_epoch,
         ("conv-bias-batchnorm", line_with(DEMO, "nn.Conv2d(1, 8, 3, padding=1)")): 1,  # its one convolution
     }
-    if not fp16:  # half-eval is still checked there by tests/test_detect.py (float32 compute from float16 weights)
+    if not fp16:  # half-eval is still checked there by tests/detect/test_half.py (float32 compute from float16 weights)
         del expected[("half-eval", line_with(DEMO, "        model.half()"))]
     assert {key: f["count"] for key, f in found.items()} == expected
     # the doctr patch recognises the same stray line statically; the generic finding names the code fix first and

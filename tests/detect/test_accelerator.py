@@ -3,7 +3,7 @@ float16 autocast without a GradScaler, the same host data copied to the device e
 foreach/fused.
 
 No accelerator on the CI machine: the CPU tests let CPU tensors stand for accelerator tensors (the
-`tensors_count_as_on_an_accelerator` fixture of tests/test_detect.py) and answer the device questions that only an
+`tensors_count_as_on_an_accelerator` fixture of tests/detect/conftest.py) and answer the device questions that only an
 accelerator can (its tensor cores, its free memory, torch's optimizer default for it) through shims.detect.devices,
 each stand-in saying which device it plays. The CUDA tests at the end check the real thing and skip without CUDA.
 """
@@ -19,24 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import shims
-from tests.conftest import marker_line
 from shims.detect import devices
-from tests.test_detect import observe as observe_in_detect_mode
-from tests.test_detect import tensors_count_as_on_an_accelerator  # noqa: F401 - a fixture
+from tests.detect.conftest import line_of, observe as observe_in_detect_mode
 
 SELF = __file__
 A100 = devices.Cores("compute capability 8.0", "bfloat16", True, 16, 8, "A100 datasheet: 312 / 156 / 19.5 TFLOPS")
 V100 = devices.Cores("compute capability 7.0", "float16", False, 8, None, "V100 datasheet: 125 / - / 15.7 TFLOPS")
 
 
-def line_of(marker):
-    return marker_line(SELF, marker)
-
-
 def require_the_step_clock():
     """The loops below count on detect mode's optimizer-step clock. On torch 2.0-2.2 a torch.compile earlier in the
     process strips the step hooks of every torch.optim class (TorchPatcher); shims puts a step clock back
-    (shims/detect/steps_after_compile.py, tested in tests/test_detect_steps_after_compile.py). Should the clock count
+    (shims/detect/steps_after_compile.py, tested in tests/detect/test_steps_after_compile.py). Should the clock count
     nothing all the same, these tests skip, saying why, rather than pass on silence."""
     from shims import detect
     shims.enable(patches="none", mode="detect")
@@ -52,7 +46,7 @@ def require_the_step_clock():
         pytest.skip(f"torch {torch.__version__}: detect mode's step clock counted no optimizer step in this process")
 
 
-def observe(loop, *args, **kwargs):
+def observe_with_the_clock(loop, *args, **kwargs):
     require_the_step_clock()
     return observe_in_detect_mode(loop, *args, **kwargs)
 
@@ -109,7 +103,7 @@ def train_float32(steps=3, micro_batches=1, autocast=None, model=None):
 
 def test_float32_training_on_tensor_cores_is_found_once_per_step(a100, matmul_precision):
     torch.set_float32_matmul_precision("highest")
-    findings = observe(train_float32, steps=3, micro_batches=2)
+    findings = observe_with_the_clock(train_float32, steps=3, micro_batches=2)
     assert [(f["kind"], f["where"], f["count"]) for f in findings] == \
         [("float32-no-autocast", line_of("float32 forward"), 3)]  # counted per optimizer step, not per forward
     finding = findings[0]
@@ -125,7 +119,7 @@ def test_float32_training_on_a_float16_only_device_names_the_grad_scaler(monkeyp
     """Compute capability 7.x has float16 tensor cores and no TF32: setting TF32 does not silence it."""
     monkeypatch.setattr(devices, "tensor_cores", lambda torch, device: V100)
     torch.set_float32_matmul_precision("high")
-    findings = observe(train_float32, steps=2)
+    findings = observe_with_the_clock(train_float32, steps=2)
     assert of_kind(findings, "float32-no-autocast") == [(line_of("float32 forward"), 2)]
     assert "dtype=torch.float16) with a GradScaler" in findings[0]["fix"]
     assert "set_float32_matmul_precision" not in findings[0]["fix"]
@@ -144,7 +138,7 @@ def test_functional_matmuls_are_seen_in_the_graph(a100, matmul_precision):
             return x @ self.weight
 
     model = Bilinear()
-    assert of_kind(observe(train_float32, steps=2, model=model), "float32-no-autocast") == \
+    assert of_kind(observe_with_the_clock(train_float32, steps=2, model=model), "float32-no-autocast") == \
         [(line_of("float32 forward"), 2)]
 
 
@@ -173,7 +167,7 @@ def test_float32_training_stays_silent_where_the_tensor_cores_are_used(a100, mat
         def run():
             model = nn.Linear(8, 1)
             model(torch.randn(4, 8)).sum().backward()
-    assert of_kind(observe(run), "float32-no-autocast") == []
+    assert of_kind(observe_with_the_clock(run), "float32-no-autocast") == []
 
 
 @pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
@@ -181,12 +175,12 @@ def test_float32_training_on_the_cpu_is_silent(matmul_precision):
     """The real tensor_cores answers for the CPU (no tensor cores), even when its tensors count as an accelerator's;
     and without the stand-in the CPU is not an accelerator at all."""
     torch.set_float32_matmul_precision("highest")
-    assert of_kind(observe(train_float32), "float32-no-autocast") == []
+    assert of_kind(observe_with_the_clock(train_float32), "float32-no-autocast") == []
 
 
 def test_float32_training_without_an_accelerator_is_silent(matmul_precision):
     torch.set_float32_matmul_precision("highest")
-    assert observe(train_float32) == []
+    assert observe_with_the_clock(train_float32) == []
 
 
 def fake_cuda(capability, hip=None):
@@ -270,7 +264,7 @@ def train_float16(steps=3, dtype=torch.float16, scaler=None):
 @needs_cpu_float16_autocast
 @pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
 def test_float16_autocast_without_grad_scaler_is_found_at_the_backward():
-    findings = observe(train_float16, steps=3)
+    findings = observe_with_the_clock(train_float16, steps=3)
     assert of_kind(findings, "float16-no-grad-scaler") == [(line_of("unscaled backward"), 3)]
     finding = [f for f in findings if f["kind"] == "float16-no-grad-scaler"][0]
     assert "autocast(dtype=torch.float16)" in finding["message"] and "forward at" in finding["message"]
@@ -289,7 +283,7 @@ def test_float16_autocast_with_a_grad_scaler_is_silent():
         train_float16(steps=1, scaler=torch.amp.GradScaler("cpu"))
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         pytest.skip(f"torch {torch.__version__} cannot scale gradients on the CPU: {exc}")
-    assert of_kind(observe(train_float16, steps=3, scaler=scaler), "float16-no-grad-scaler") == []
+    assert of_kind(observe_with_the_clock(train_float16, steps=3, scaler=scaler), "float16-no-grad-scaler") == []
 
 
 @needs_cpu_float16_autocast
@@ -299,7 +293,7 @@ def test_float16_autocast_with_a_disabled_grad_scaler_is_found():
     with warnings.catch_warnings():  # torch.cuda.amp.GradScaler is deprecated in newer torches
         warnings.simplefilter("ignore")
         scaler = scalers()[0](enabled=False)
-    findings = observe(train_float16, steps=2, scaler=scaler)
+    findings = observe_with_the_clock(train_float16, steps=2, scaler=scaler)
     assert [where for where, _ in of_kind(findings, "float16-no-grad-scaler")] == [line_of("scaled backward")]
 
 
@@ -319,12 +313,12 @@ def test_every_grad_scaler_class_of_this_torch_is_watched(scaler_class):
 
 @pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
 def test_bfloat16_autocast_without_grad_scaler_is_silent():
-    assert of_kind(observe(train_float16, steps=3, dtype=torch.bfloat16), "float16-no-grad-scaler") == []
+    assert of_kind(observe_with_the_clock(train_float16, steps=3, dtype=torch.bfloat16), "float16-no-grad-scaler") == []
 
 
 @needs_cpu_float16_autocast
 def test_float16_autocast_on_the_cpu_is_silent():
-    assert of_kind(observe(train_float16, steps=3), "float16-no-grad-scaler") == []
+    assert of_kind(observe_with_the_clock(train_float16, steps=3), "float16-no-grad-scaler") == []
 
 
 # ---------------------------------------------------------------- data-copied-every-epoch
@@ -357,7 +351,7 @@ def full_batch_training(epochs=3, change=False):
 
 
 def test_the_same_host_tensors_copied_every_epoch_are_found(free_gib):
-    findings = observe(full_batch_training, epochs=3)
+    findings = observe_with_the_clock(full_batch_training, epochs=3)
     assert of_kind(findings, "data-copied-every-epoch") == [(line_of("full-batch copy"), 3)]
     finding = findings[0]
     assert "the same host tensors" in finding["message"] and "2.2 KiB per round" in finding["message"]
@@ -371,7 +365,7 @@ def test_a_sparse_copy_does_not_switch_the_detector_off(free_gib):
     def run():
         torch.eye(3).to_sparse().to("cpu")
         full_batch_training(epochs=3)
-    assert of_kind(observe(run), "data-copied-every-epoch") == [(line_of("full-batch copy"), 3)]
+    assert of_kind(observe_with_the_clock(run), "data-copied-every-epoch") == [(line_of("full-batch copy"), 3)]
     assert not shims.status()["patches"]["detect"]["notes"] or \
         not any("device-copies" in note for note in shims.status()["patches"]["detect"]["notes"])
 
@@ -390,7 +384,7 @@ def sliced_epochs(epochs=3, batch=16):
 
 
 def test_slices_of_one_host_tensor_copied_every_epoch_are_found(free_gib):
-    findings = observe(sliced_epochs, epochs=3)
+    findings = observe_with_the_clock(sliced_epochs, epochs=3)
     assert of_kind(findings, "data-copied-every-epoch") == [(line_of("slices of one host tensor"), 3)]
     assert "2.0 KiB per round" in findings[0]["message"]
 
@@ -413,7 +407,7 @@ def tensor_dataset_epochs(epochs=3, rebuild_loader=False):
 
 @pytest.mark.parametrize("rebuild_loader", [False, True])
 def test_a_tensor_dataset_loader_copied_every_epoch_is_found(free_gib, rebuild_loader):
-    findings = [f for f in observe(tensor_dataset_epochs, epochs=3, rebuild_loader=rebuild_loader)
+    findings = [f for f in observe_with_the_clock(tensor_dataset_epochs, epochs=3, rebuild_loader=rebuild_loader)
                 if f["kind"] == "data-copied-every-epoch"]  # (its DataLoader without workers is found too)
     assert [(f["where"], f["count"]) for f in findings] == [(line_of("batch copies"), 3)]
     message = findings[0]["message"]
@@ -464,18 +458,18 @@ def test_copies_of_new_data_are_silent(free_gib, case):
             for _ in range(3):
                 for x, y in torch.utils.data.DataLoader(Fresh(), batch_size=4):
                     x.to("cpu"), y.to("cpu")
-    assert of_kind(observe(run), "data-copied-every-epoch") == []
+    assert of_kind(observe_with_the_clock(run), "data-copied-every-epoch") == []
 
 
 @pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
 def test_data_that_would_not_fit_is_silent(monkeypatch):
     monkeypatch.setattr(devices, "free_memory", lambda torch, device: 4096)  # 2.2 KiB is over half of it
-    assert of_kind(observe(full_batch_training, epochs=3), "data-copied-every-epoch") == []
+    assert of_kind(observe_with_the_clock(full_batch_training, epochs=3), "data-copied-every-epoch") == []
 
 
 def test_copies_on_the_cpu_are_silent():
-    assert observe(full_batch_training, epochs=3) == []
-    assert observe(tensor_dataset_epochs, epochs=3) == []
+    assert observe_with_the_clock(full_batch_training, epochs=3) == []
+    assert observe_with_the_clock(tensor_dataset_epochs, epochs=3) == []
 
 
 # ---------------------------------------------------------------- optimizer-for-loop
@@ -507,7 +501,7 @@ def adam_default(params):
                                                 (sgd_for_loop, "for-loop SGD", "SGD")])
 @pytest.mark.usefixtures("tensors_count_as_on_an_accelerator")
 def test_an_optimizer_with_foreach_false_is_found_where_it_is_built(make, marker, name):
-    findings = observe(train_with, make, steps=3)
+    findings = observe_with_the_clock(train_with, make, steps=3)
     assert of_kind(findings, "optimizer-for-loop") == [(line_of(marker), 3)]
     finding = findings[0]
     assert f"{name} built here updates 4 parameter tensors on cpu one at a time (foreach=False)" in finding["message"]
@@ -524,7 +518,7 @@ def test_a_default_optimizer_is_found_where_torch_picks_the_for_loop_and_fused_e
     for the device the CPU plays."""
     monkeypatch.setattr(devices, "fused_devices", lambda torch: ["cpu", "cuda"])
     assert devices.default_implementation(torch, [torch.zeros(2)], False) == "for-loop"
-    findings = observe(train_with, adam_default, steps=2)
+    findings = observe_with_the_clock(train_with, adam_default, steps=2)
     assert of_kind(findings, "optimizer-for-loop") == [(line_of("default AdamW"), 2)]
     assert "torch's default, which picks the for-loop" in findings[0]["message"]
     assert "AdamW(..., fused=True)" in findings[0]["fix"]
@@ -547,11 +541,11 @@ def test_optimizers_that_are_not_for_loops_are_silent(monkeypatch, case):
     else:  # the for-loop is torch's only choice here: nothing better to name
         monkeypatch.setattr(devices, "fused_devices", lambda torch: ["cuda"])
         make = adam_default
-    assert of_kind(observe(train_with, make), "optimizer-for-loop") == []
+    assert of_kind(observe_with_the_clock(train_with, make), "optimizer-for-loop") == []
 
 
 def test_optimizers_on_the_cpu_are_silent():
-    assert observe(train_with, adam_for_loop) == []
+    assert observe_with_the_clock(train_with, adam_for_loop) == []
 
 
 # ---------------------------------------------------------------- torches without an API these detectors use
@@ -593,7 +587,7 @@ def test_a_device_whose_autocast_state_cannot_be_asked_is_noted_not_guessed(a100
     def cannot_tell(torch, device_type):
         raise LookupError(f"torch {torch.__version__} has no autocast query for {device_type}")
     monkeypatch.setattr(devices, "autocast_dtype", cannot_tell)
-    assert observe(train_float32, steps=2) == []
+    assert observe_with_the_clock(train_float32, steps=2) == []
     notes = shims.status()["patches"]["detect"]["notes"]
     assert any(note.startswith("float32-training:") and "cannot tell whether autocast is on for cpu" in note
                for note in notes)
@@ -607,11 +601,11 @@ def test_optimizers_without_torchs_default_rule_or_step_pre_hooks(monkeypatch):
     monkeypatch.delattr(optimizer_module, "_default_to_fused_or_foreach", raising=False)
     monkeypatch.delattr(optimizer_module, "register_optimizer_step_pre_hook", raising=False)
     monkeypatch.setattr(devices, "fused_devices", lambda torch: ["cpu", "cuda"])
-    assert of_kind(observe(train_with, adam_default), "optimizer-for-loop") == []
+    assert of_kind(observe_with_the_clock(train_with, adam_default), "optimizer-for-loop") == []
     notes = shims.status()["patches"]["detect"]["notes"]
     assert any("no torch.optim.optimizer._default_to_fused_or_foreach" in note for note in notes)
     assert any("no register_optimizer_step_pre_hook" in note for note in notes)
-    findings = observe(train_with, adam_for_loop)
+    findings = observe_with_the_clock(train_with, adam_for_loop)
     assert of_kind(findings, "optimizer-for-loop") == [(line_of("for-loop Adam"), 3)]
     assert "(measured)" not in findings[0]["cost"] and findings[0]["cost"].startswith("estimated")
 
@@ -692,7 +686,7 @@ def cuda_training(autocast=None, scaler=None, optimizer="sgd", epochs=3):
 @cuda
 def test_cuda_float32_training_copies_and_for_loop_optimizer_are_found(matmul_precision):
     torch.set_float32_matmul_precision("highest")
-    findings = observe(cuda_training, optimizer="adam-for-loop")
+    findings = observe_with_the_clock(cuda_training, optimizer="adam-for-loop")
     assert of_kind(findings, "data-copied-every-epoch") == [(line_of("cuda full-batch copy"), 3)]
     assert of_kind(findings, "optimizer-for-loop") == [(line_of("cuda optimizer"), 3)]
     assert "fused=True" in [f for f in findings if f["kind"] == "optimizer-for-loop"][0]["fix"]
@@ -703,7 +697,7 @@ def test_cuda_float32_training_copies_and_for_loop_optimizer_are_found(matmul_pr
 
 @cuda
 def test_cuda_float16_autocast_without_scaler_is_found():
-    findings = observe(cuda_training, autocast=torch.float16)
+    findings = observe_with_the_clock(cuda_training, autocast=torch.float16)
     assert of_kind(findings, "float16-no-grad-scaler") == [(line_of("cuda backward"), 3)]
     assert of_kind(findings, "float32-no-autocast") == []
 
@@ -716,7 +710,7 @@ def test_cuda_mixed_precision_with_scaler_and_default_adam_is_silent_for_these_d
     with warnings.catch_warnings():  # torch.cuda.amp.GradScaler is deprecated in newer torches
         warnings.simplefilter("ignore")
         scaler = scaler_class()  # torch.amp.GradScaler defaults to "cuda"
-    findings = observe(cuda_training, autocast=torch.float16, scaler=scaler, optimizer="adam")
+    findings = observe_with_the_clock(cuda_training, autocast=torch.float16, scaler=scaler, optimizer="adam")
     assert {f["kind"] for f in findings} <= {"data-copied-every-epoch"}  # the copies are still there, on purpose
 
 
@@ -725,4 +719,4 @@ def test_cuda_tf32_silences_float32_training(matmul_precision):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("TF32 needs compute capability >= 8.0")
     torch.set_float32_matmul_precision("high")
-    assert of_kind(observe(cuda_training), "float32-no-autocast") == []
+    assert of_kind(observe_with_the_clock(cuda_training), "float32-no-autocast") == []
