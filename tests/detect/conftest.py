@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shims
-from shims.detect import tensors
+from shims.detect import devices, tensors
 from tests.conftest import marker_line
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples",
@@ -213,3 +213,120 @@ def tensors_count_as_on_an_accelerator(monkeypatch):
     """No accelerator on the CI machine: let CPU tensors stand for accelerator tensors, so the counting, the
     per-step rule and the call sites are exercised. (tests/detect/test_cuda.py checks the real thing on CUDA.)"""
     monkeypatch.setattr(tensors, "on_accelerator", lambda tensor: True)
+
+
+# ---------------------------------------------------------------- stand-ins for an accelerator's answers
+
+A100 = devices.Cores("compute capability 8.0", "bfloat16", True, 16, 8, "A100 datasheet: 312 / 156 / 19.5 TFLOPS")
+V100 = devices.Cores("compute capability 7.0", "float16", False, 8, None, "V100 datasheet: 125 / - / 15.7 TFLOPS")
+
+
+def require_the_step_clock():
+    """The loops below count on detect mode's optimizer-step clock. On torch 2.0-2.2 a torch.compile earlier in the
+    process strips the step hooks of every torch.optim class (TorchPatcher); shims puts a step clock back
+    (shims/detect/steps_after_compile.py, tested in tests/detect/test_steps_after_compile.py). Should the clock count
+    nothing all the same, these tests skip, saying why, rather than pass on silence."""
+    from shims import detect
+    shims.enable(patches="none", mode="detect")
+    try:
+        param = nn.Parameter(torch.zeros(1))
+        param.grad = torch.zeros(1)
+        torch.optim.SGD([param], lr=0.1).step()
+        counted = detect._CURRENT.steps
+    finally:
+        from shims import engine
+        engine.reset()  # the probe's own observations must not reach the test's receipt
+    if not counted:
+        pytest.skip(f"torch {torch.__version__}: detect mode's step clock counted no optimizer step in this process")
+
+
+def observe_with_the_clock(loop, *args, **kwargs):
+    require_the_step_clock()
+    return observe(loop, *args, **kwargs)
+
+
+def of_kind(findings, kind):
+    return [(f["where"], f["count"]) for f in findings if f["kind"] == kind]
+
+
+@pytest.fixture
+def a100(monkeypatch, request):
+    """The CPU plays an A100: tensor cores with bfloat16 and TF32."""
+    request.getfixturevalue("tensors_count_as_on_an_accelerator")
+    monkeypatch.setattr(devices, "tensor_cores", lambda torch, device: A100)
+
+
+@pytest.fixture
+def matmul_precision():
+    """Whatever a test sets with torch.set_float32_matmul_precision is undone after it."""
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+def cpu_autocast_runs(dtype):
+    """Whether autocast on the CPU really computes a Linear in `dtype` here (float16: torch >= 2.3 or so)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast("cpu", dtype=dtype):
+                return nn.Linear(2, 2)(torch.ones(1, 2)).dtype == dtype
+        except RuntimeError:
+            return False
+
+
+
+GIB = 1024 ** 3
+
+
+@pytest.fixture
+def free_gib(monkeypatch, request):
+    """The CPU plays a device with 1 GiB free."""
+    request.getfixturevalue("tensors_count_as_on_an_accelerator")
+    monkeypatch.setattr(devices, "free_memory", lambda torch, device: GIB)
+
+
+needs_cpu_float16_autocast = pytest.mark.skipif(
+    not cpu_autocast_runs(torch.float16),
+    reason=f"torch {torch.__version__} has no float16 autocast on the CPU (the stand-in for an accelerator here)")
+
+
+def train_float32(steps=3, micro_batches=1, autocast=None, model=None):
+    torch.manual_seed(0)
+    model = model or nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        for _ in range(micro_batches):
+            x = torch.randn(4, 8, dtype=next(model.parameters()).dtype)
+            if autocast is None:
+                out = model(x)  # float32 forward
+            else:
+                with torch.autocast("cpu", dtype=autocast):
+                    out = model(x)  # forward under autocast
+            out.float().pow(2).mean().backward()
+        optimizer.step()
+
+
+def train_with(make_optimizer, steps=3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    optimizer = make_optimizer(model.parameters())
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        optimizer.step()
+
+
+def adam_for_loop(params):
+    return torch.optim.Adam(params, lr=1e-3, foreach=False)  # for-loop Adam
+
+
+def adam_default(params):
+    return torch.optim.AdamW(params, lr=1e-3)  # default AdamW
+
+
+def scalers():
+    """The GradScaler classes this torch has (torch.amp's from 2.3, torch.cuda.amp's always), feature-detected."""
+    found = [getattr(getattr(torch, "amp", None), "GradScaler", None), torch.cuda.amp.GradScaler]
+    return [cls for cls in found if cls is not None]

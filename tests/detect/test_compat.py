@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import shims
 from shims.detect import compat, report
