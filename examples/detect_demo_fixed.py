@@ -11,6 +11,7 @@ Same data, model shape and optimizer as the demo.
 """
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,8 @@ def evaluate(model, val_loader, fp16=False):
     model.eval()
     correct = total = 0
     for images, targets in val_loader:
-        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+        # torch 2.0-2.2 refuse float16 CPU autocast even disabled: enter it only for the fp16 evaluation
+        with torch.autocast("cpu", dtype=torch.float16) if fp16 else contextlib.nullcontext():
             logits = model(images)["logits"]
         correct += int((logits.argmax(1) == targets).sum())
         total += len(targets)

@@ -59,7 +59,9 @@ def test_summary_line_says_what_was_observed(demo):
     _, proc, report = demo
     summary = report["doctor"]["summary"]
     assert f"shims doctor: {summary}" in proc.stderr
-    assert "1 suppressed" in summary and "24 optimizer steps, 48 training forwards, 24 backward passes" in summary
+    fp16 = "fp16 accuracy n/a" not in proc.stdout  # torch 2.0-2.2 on a CPU: no float16 kernels, no .half() to suppress
+    assert ("1 suppressed" in summary) == fp16
+    assert "24 optimizer steps, 48 training forwards, 24 backward passes" in summary
     observed = report["doctor"]["observed"]
     assert observed["optimizer_steps"] == 24 and observed["evaluations"] >= 2 and observed["backwards"] == 24
     assert "recoverable: about" in summary
@@ -81,7 +83,17 @@ def test_findings_ranked_by_cost_with_numeric_fields_and_the_code_fix_first(demo
     canned = next(f for f in findings if f["kind"] == "doctr:dead-forward")
     assert canned["basis"] == "canned" and canned["seconds_per_step"] is None
     evaluation = next(f for f in findings if f["kind"] == "eval-with-grad")
-    assert evaluation["bytes"] > 0
+    if saved_activations_are_measurable():
+        assert evaluation["bytes"] > 0
+    else:  # this torch's graph nodes do not show their saved tensors: not measured, never a measured 0
+        assert evaluation["bytes"] is None
+
+
+def saved_activations_are_measurable():
+    import torch
+    from shims.detect.graphs import saved_activation_bytes
+    x = torch.randn(4, 4, requires_grad=True)
+    return saved_activation_bytes([(x * x).grad_fn], set()) > 0
 
 
 def test_shims_ignore_suppresses_exactly_its_finding_and_counts_it(demo):

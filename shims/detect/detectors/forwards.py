@@ -208,14 +208,14 @@ class Forwards(Detector):
                     "one-time, per model built")
             fix = ("nothing to change in a training loop: a one-time cost of building the model (the framework "
                    f"could run this forward under torch.no_grad() in {info['one_time']}.__init__)")
-            return message, cost, fix, {"bytes": saved}
+            return message, cost, fix, {"bytes": saved or None}
         cost = (f"{report.size(saved)} of activations saved for backward per call (measured on the first call), "
                 f"held until the outputs are dropped; forward {report.ms(seconds)} (median)") if saved is not None \
             else f"an autograd graph per call; forward {report.ms(seconds)} (median)"
         fix = (f"run the evaluation that reaches line {_line(finding.where)} under `with torch.no_grad():` or "
                "torch.inference_mode(), or decorate the evaluation function with @torch.no_grad() (as DETR-style "
                "evaluate functions do)")
-        return message, cost, fix, {"bytes": saved}
+        return message, cost, fix, {"bytes": saved or None}  # 0: this torch does not show saved tensors
 
 
 def _constructing(frame, module_type):
