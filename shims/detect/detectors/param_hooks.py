@@ -14,7 +14,6 @@ Cost: the hook's measured time per spurious firing; for a double firing, an esti
 
 from __future__ import annotations
 
-import sys
 from time import perf_counter
 
 from shims.detect import report
@@ -81,21 +80,21 @@ class ParamHooks(Detector):
         self._in_autograd_grad = 0
         self._task_of = {}  # _ParamHook.key -> [graph task id, firings in it]
         self._graph_task = session.api.graph_task_id
-        session.wrap(session.torch.Tensor, "register_hook", self._register_hook_wrapper)
+        parameter = session.torch.nn.Parameter
+        session.intercept(self, session.torch.Tensor, "register_hook", self._registered,
+                          when=lambda tensor, *args, **kwargs: isinstance(tensor, parameter))
         session.on_autograd_grad(self, self._autograd_grad_called)
 
-    def _register_hook_wrapper(self, original):
-        detector, parameter = self, self.session.torch.nn.Parameter
-
-        def register_hook(self, hook):
-            if detector.on and isinstance(self, parameter):
-                frame = sys._getframe(1)
-                sites = detector.session.sites
-                where = sites.caller(frame)
-                if where is not None and not sites.covered(frame):
-                    hook = _ParamHook(hook, where, id(self), detector)
-            return original(self, hook)
-        return register_hook
+    def _registered(self, call):
+        """A tensor hook registered on a parameter by the user's (or a framework's) code: register it wrapped."""
+        sites = self.session.sites
+        where = sites.caller(call.frame)
+        if where is not None and not sites.covered(call.frame):
+            if len(call.args) == 2:
+                call.args[1] = _ParamHook(call.args[1], where, id(call.args[0]), self)
+            elif "hook" in call.kwargs:
+                call.kwargs["hook"] = _ParamHook(call.kwargs["hook"], where, id(call.args[0]), self)
+        return call.proceed()
 
     def _autograd_grad_called(self, args, kwargs, frame):
         self._in_autograd_grad += 1
