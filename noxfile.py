@@ -35,9 +35,9 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(REPO, ".nox", "results")
 # pycocotools: the DETR reference evaluates against a COCO ground truth (rfdetr brings it, but not everywhere);
 # pip: the real-ColossalAI test fetches the colossalai sdists with `pip download`; setuptools: the packaging tests
-# build a wheel of the checkout offline
+# build a wheel of the checkout offline; jsonschema: the SARIF report is validated against the 2.1.0 schema
 TEST_EXTRAS = ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "timm>=0.9", "tqdm", "psutil", "pip", "pycocotools",
-               "setuptools>=77"]
+               "setuptools>=77", "jsonschema>=4"]
 # what the suite reads from the checkout besides tests/ (examples run as scripts, docs checked against the code)
 STAGED = ("tests", "examples", "docs", "benchmarks", "scripts", "pyproject.toml", "README.md")
 

@@ -90,7 +90,7 @@ else
   echo "not run: --no-install or a CPU dry run (the environment's own packages are used)" > "$WORK/install.skip"
 fi
 stage env 45 "$PYTHON" scripts/gpu_results.py env "$WORK/env.json"
-stage tests_cuda 40 "${PYTEST[@]}" --junitxml="$WORK/tests_cuda.xml" tests/test_detect_cuda.py
+stage tests_cuda 40 "${PYTEST[@]}" --junitxml="$WORK/tests_cuda.xml" tests/detect/test_cuda.py
 stage doctr 70 "$PYTHON" benchmarks/doctr_step.py "${DOCTR[@]}" --json "$WORK/doctr.json"
 stage detr 70 "$PYTHON" benchmarks/detr_eval.py "${DETR[@]}" --json "$WORK/detr.json"
 stage tests_cuda_path 35 "${PYTEST[@]}" --junitxml="$WORK/tests_cuda_path.xml" "${CUDA_PATH_TESTS[@]}"

@@ -17,3 +17,10 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   .venv/bin/python -m pip install -q -e ".[test,frameworks]"
   echo "$WANT" > "$STAMP"
 fi
+# headless Chromium renders the doctor's HTML report in tests/detect/test_doctor_report.py (skipped, saying why,
+# where it cannot be installed): Debian's package, installed when missing and apt-get may run
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing chromium (the HTML report test)" >&2
+  (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) >/dev/null 2>&1 \
+    || echo "[setup] chromium could not be installed: the HTML report test will skip" >&2
+fi

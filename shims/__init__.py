@@ -17,7 +17,8 @@ from shims.errors import ShimsConfigError, ShimsPatchError
 from shims.receipt import ReceiptData  # the layout of status(): TypedDicts (typing is loaded by wrapt anyway)
 
 __version__ = "0.1.0"
-__all__ = ["enable", "disable", "status", "ShimsConfigError", "ShimsPatchError", "ReceiptData", "__version__"]
+__all__ = ["enable", "disable", "status", "observe", "ShimsConfigError", "ShimsPatchError", "ReceiptData",
+           "__version__"]
 
 
 def enable(patches: Union[str, Iterable[str], None] = None, *, disable: Union[str, Iterable[str], None] = None,
@@ -44,6 +45,13 @@ def disable() -> None:
     """Revert every patch: each replaced attribute `is` the original object again."""
     from shims import engine
     engine.get().disable()
+
+
+def observe(patches: Union[str, Iterable[str]] = "none", ignore: Iterable[tuple] = ()):
+    """`with shims.observe() as report: ...`: the block runs in observe-only mode; then `report.findings` (typed,
+    ranked by cost) and `report.summary`. See shims.doctor.observe."""
+    from shims import doctor
+    return doctor.observe(patches=patches, ignore=ignore)
 
 
 def status() -> ReceiptData:

@@ -164,25 +164,33 @@ def _script_status(code):
     return 1
 
 
+def _script_path(words):
+    """The script file a COMMAND runs in this process, or None (a module, another program, nothing runnable)."""
+    from shims import runner
+    try:
+        plan = runner.plan(words)
+    except Exception:  # noqa: BLE001 - the run itself reports a command it cannot start
+        return None
+    return plan[1] if plan[0] == "script" else None
+
+
 def _run(ns, parser):
     from shims import runner
     from shims.errors import ShimsConfigError
     name = ns.subcommand
     words = _command_words(ns)
     usage = parser._shims_subparsers[name].format_usage()
-    if name == "doctor":
-        from shims import doctor
-        try:
-            doctor.apply(ns)  # its options first: a bad value is named before anything else
-        except ShimsConfigError as exc:
-            sys.stderr.write(f"shims {name}: {exc}\n{usage}")
-            return 2
     if not words:
         sys.stderr.write(f"shims {name}: expected a script, -m module, or a command to run\n{usage}")
         return 2
     if name == "doctor":
-        os.environ["SHIMS_MODE"] = "detect"
-        doctor.print_table_at_exit()
+        from shims import doctor
+        ns.script = _script_path(words)  # the report names its syntax error, if any
+        try:
+            doctor.apply(ns)  # detect mode, its options, the table at exit; a bad value is named before the run
+        except ShimsConfigError as exc:
+            sys.stderr.write(f"shims {name}: {exc}\n{usage}")
+            return 2
     previous_hook = sys.excepthook
     try:
         status = runner.run_command(words, replace_process=(name == "run"))

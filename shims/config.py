@@ -8,6 +8,7 @@ Variables that start with SHIMS__ (two underscores) are internal: shims sets the
 from __future__ import annotations
 
 import os
+import re
 
 from shims.errors import ShimsConfigError
 
@@ -16,6 +17,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
 PROFILE_VAR = "SHIMS_PROFILE_STEPS"
+
+IGNORE_VAR = "SHIMS_IGNORE"
 
 # name, values, default, meaning: the one description of each variable (README and --help are generated from it)
 VARIABLES = (
@@ -31,6 +34,9 @@ VARIABLES = (
     (PROFILE_VAR, "a whole number >= 1", "(unset: off)",
      "detect mode: torch.profiler over that many optimizer steps after 2 warm-up steps (what `doctor --profile N` "
      "sets)"),
+    (IGNORE_VAR, "comma list of `kind@file:line`", "(empty)",
+     "detect mode: findings to suppress, as a `# shims: ignore[kind]` comment on that line would (counted in the "
+     "report as suppressed)"),
 )
 GLOBAL_VARS = tuple(row[0] for row in VARIABLES)
 BOOT_VAR = "SHIMS__BOOT"  # set for child processes: their sitecustomize starts shims
@@ -41,7 +47,8 @@ _EXPORTED = None  # the SHIMS_* variables as they were before export_for_childre
 class Config:
     """Frozen result of parsing. `patches`: enabled patch names in registry order; `why_off`: name -> reason."""
 
-    __slots__ = ("patches", "why_off", "mode", "strict", "report", "log", "options", "source", "profile_steps")
+    __slots__ = ("patches", "why_off", "mode", "strict", "report", "log", "options", "source", "profile_steps",
+                 "ignores")
 
     def __init__(self, **values):
         for key in self.__slots__:
@@ -125,6 +132,21 @@ def parse_profile_steps(text, shown=None):
                            "(e.g. 5; unset: no profiling)")
 
 
+def parse_ignores(text, shown=None):
+    """SHIMS_IGNORE: a comma list of kind@file:line (e.g. eval-with-grad@train.py:88) -> ((kind, file, line), ...).
+    The kind is a detector's kind, patch:kind, or any; the file a path or its ending."""
+    entries = []
+    for word in _words(text):
+        kind, at, place = word.partition("@")
+        file, colon, line = place.rpartition(":")
+        if not at or not colon or not file or not line.isdigit() or not re.fullmatch(r"[a-z0-9_:-]+", kind):
+            raise ShimsConfigError(f"{shown or IGNORE_VAR}={text!r}: {word!r} is not valid; valid: a comma list of "
+                                   "kind@file:line, e.g. eval-with-grad@train.py:88 (kind: a finding's kind as the "
+                                   "report shows it, or any)")
+        entries.append((kind, file, int(line)))
+    return tuple(entries)
+
+
 def int_range(option):
     """(minimum, maximum) of an "int" option; None where open. Counts are never negative unless declared."""
     return getattr(option, "minimum", 0), getattr(option, "maximum", None)
@@ -196,6 +218,7 @@ def parse(environ, registry, shown=None):
     profile = environ.get(PROFILE_VAR, "")
     profile_steps = (parse_profile_steps(profile, (shown or {}).get(PROFILE_VAR)) if profile.strip()
                      else None)  # read by detect mode only
+    ignores = parse_ignores(environ.get(IGNORE_VAR, ""), (shown or {}).get(IGNORE_VAR))  # the doctor's report
 
     why_off = {}
     for name in names:
@@ -210,7 +233,7 @@ def parse(environ, registry, shown=None):
     options = {patch.name: patch_options(patch, environ, shown) for patch in registry}
     return Config(patches=enabled, why_off=why_off, mode=mode, strict=strict, report=report, log=log,
                   options=options, source=dict((k, v) for k, v in environ.items() if k.startswith("SHIMS_")),
-                  profile_steps=profile_steps)
+                  profile_steps=profile_steps, ignores=ignores)
 
 
 def _code(value):

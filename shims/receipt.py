@@ -102,6 +102,7 @@ class PatchRecord:
         self.counters = {}
         self.notes = []
         self.findings = []
+        self.observed = None  # detect mode: what was observed (steps, forwards, timeline), written by the session
         self.disabled_reason = None
         self._lock = threading.Lock()
 
@@ -152,10 +153,13 @@ class PatchRecord:
 
     def as_dict(self) -> PatchData:
         with self._lock:
-            return {"status": self.status, "reason": self.reason, "summary": self.summary, "docs": self.docs,
-                    "distribution": self.distribution, "version": self.version, "origin": self.origin,
-                    "targets": {k: dict(v) for k, v in self.targets.items()}, "counters": dict(self.counters),
-                    "notes": list(self.notes), "findings": [dict(f) for f in self.findings]}
+            out = {"status": self.status, "reason": self.reason, "summary": self.summary, "docs": self.docs,
+                   "distribution": self.distribution, "version": self.version, "origin": self.origin,
+                   "targets": {k: dict(v) for k, v in self.targets.items()}, "counters": dict(self.counters),
+                   "notes": list(self.notes), "findings": [dict(f) for f in self.findings]}
+            if self.observed is not None:
+                out["observed"] = dict(self.observed)
+            return out
 
 
 class Receipt:

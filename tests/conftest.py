@@ -88,7 +88,7 @@ def write(path, text):
 def optimizer_classes_restored():
     """torch 2.0-2.2: the first torch.compile in a process rewrites every torch.optim class's step and zero_grad
     (TorchPatcher). Put them back after the test, so later tests see torch as a fresh process has it (detect mode's
-    step clock after a compile is tested in a fresh process: tests/test_detect_steps_after_compile.py)."""
+    step clock after a compile is tested in a fresh process: tests/detect/test_steps_after_compile.py)."""
     import torch
     classes = [c for c in vars(torch.optim).values() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
     names = ("step", "zero_grad")

@@ -58,9 +58,9 @@ def test_dry_run_runs_each_stage_records_a_timeout_and_writes_one_results_file(t
 
     tests = stages["tests_cuda"]["tests"]
     assert stages["tests_cuda"]["status"] == "ok" and tests["failed"] == tests["errors"] == 0
-    with open(os.path.join(REPO, "tests", "test_detect_cuda.py")) as f:
+    with open(os.path.join(REPO, "tests", "detect", "test_cuda.py")) as f:
         count = f.read().count("\ndef test_")
-    assert count >= 2 and tests["passed"] + tests["skipped"] == count  # every test of tests/test_detect_cuda.py
+    assert count >= 2 and tests["passed"] + tests["skipped"] == count  # every test of tests/detect/test_cuda.py
 
     doctr = stages["doctr"]
     assert doctr["status"] == "ok", doctr.get("log_tail")

@@ -34,6 +34,7 @@ class TorchAPI:
         from torch.optim import optimizer as optimizer_hooks
         self.torch = torch
         self.module_hooks = module_hooks
+        self.optimizer_hooks = optimizer_hooks
         self.forward_hook_options = _keywords(module_hooks.register_module_forward_hook) & {"with_kwargs",
                                                                                              "always_call"}
         # torch 2.x: a with_kwargs handle forgets this table's entry on remove(); the session deletes it itself

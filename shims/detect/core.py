@@ -5,7 +5,7 @@ shims.detect.detector.Detector).
                 - the events: every module call, each outermost forward with grad on that built a graph (with its
                   time and call site), each optimizer step; the global hooks behind them are registered once;
                 - the optimizer-step clock (steps seen, median step interval) and the device being trained on;
-                - call-site attribution (sites.py), graph watches (graphs.py), the torch APIs (compat.py);
+                - call-site attribution (sites.py), graph tracking (graphs.py), the torch APIs (compat.py);
                 - wrapping attributes with plain functions, and putting every one back on revert;
                 - aggregation of findings by (kind, place), their cost units, writing them into the receipt record
                   "detect" at safe points (after a forward, after an optimizer step, at flush; never from a GC
@@ -26,7 +26,8 @@ from time import perf_counter
 from shims.detect import report, tensors
 from shims.detect.compat import TorchAPI
 from shims.detect.detector import Finding
-from shims.detect.graphs import GraphWatches, saved_activation_bytes, storages_of
+from shims.detect.graphs import GraphTracker, saved_activation_bytes, storages_of
+from shims.detect.observed import Observation
 from shims.detect.sites import CallSites
 
 RECORD = "detect"
@@ -59,6 +60,29 @@ class ForwardCall:
         return self._where
 
 
+class Call:
+    """One intercepted call (Session.intercept): valid during the call only (it holds the caller's frame)."""
+
+    __slots__ = ("original", "args", "kwargs", "frame", "result", "seconds", "state")
+    WAITING, RAISED, DONE = 0, 1, 2
+
+    def __init__(self, original, args, kwargs, frame):
+        self.original, self.args, self.kwargs, self.frame = original, list(args), kwargs, frame
+        self.result, self.seconds, self.state = None, None, Call.WAITING
+
+    def proceed(self):
+        """Run the original with the (possibly replaced) arguments; its time in `seconds`."""
+        start = perf_counter()
+        try:
+            self.result = self.original(*self.args, **self.kwargs)
+        except BaseException:
+            self.state = Call.RAISED
+            raise
+        self.seconds = perf_counter() - start
+        self.state = Call.DONE
+        return self.result
+
+
 class _Depth(threading.local):
     depth = 0
     start = 0.0
@@ -76,7 +100,7 @@ class Session:
         self.record = engine.receipt.record(RECORD, summary=SUMMARY, docs=DOCS)
         self.api = TorchAPI(torch)
         self.sites = CallSites(torch, engine)
-        self.graphs = GraphWatches()
+        self.graphs = GraphTracker()
         self.detectors = [cls(self) for cls in detector_classes]
         self.active = False
         self.settling = False  # graphs handed over now are final for their step (step end, final flush)
@@ -98,6 +122,7 @@ class Session:
         self._step_last, self._step_count, self._step_intervals = {}, {}, {}
         self._device_checked = set()
         self._storages = {}  # module id -> storage pointers of its parameters and buffers
+        self.observation = Observation(torch)  # what was observed, findings or not (the report's summary, the timeline)
 
     # ------------------------------------------------------------------ what detectors call
 
@@ -141,14 +166,38 @@ class Session:
         self._wrapped.append((owner, attribute, original, wrapper, owned))
         return current
 
+    def intercept(self, detector, owner, attribute, on_call, when=None):
+        """Replace owner.attribute (a method or function) so that each call made while `detector.on`, `when(*args,
+        **kwargs)` (a cheap first test, optional) and not while dynamo traces, runs `on_call(call)` instead, which
+        returns what the caller gets: `call.proceed()` runs the original (once; `call.seconds` its time),
+        `call.args` (a list: a detector may replace an argument), `call.kwargs`, `call.frame` (the caller's).
+        Written once here: a detector that raises is switched off and named in the receipt, and the call still
+        returns what the original returns; an exception of the original itself reaches the caller unchanged."""
+        session = self
+
+        def make(original):
+            def intercepted(*args, **kwargs):
+                if not detector.on or (when is not None and not when(*args, **kwargs)) or session._compiling():
+                    return original(*args, **kwargs)
+                call = Call(original, args, kwargs, sys._getframe(1))
+                try:
+                    return on_call(call)
+                except BaseException as exc:
+                    if call.state == Call.RAISED:
+                        raise  # the original's own exception
+                    session.fail(detector, exc)
+                    return call.result if call.state == Call.DONE else original(*args, **kwargs)
+            return intercepted
+        return self.wrap(owner, attribute, make)
+
     def add_undo(self, fn):
         """fn() at revert (a handle to remove, a table entry to delete), in reverse order of registration."""
         self._undo.append(fn)
 
-    def watch_graph(self, detector, nodes, item, callback):
+    def track_graph(self, detector, nodes, item, callback):
         """callback(item, reached) once autograd frees the graph of `nodes` (graphs.py); alive at the end of the run:
         take them with take_alive_graphs(detector)."""
-        self.graphs.watch(detector, nodes, item, callback)
+        self.graphs.track(detector, nodes, item, callback)
 
     def take_alive_graphs(self, detector):
         return self.graphs.take_alive(detector)
@@ -223,6 +272,11 @@ class Session:
 
     def _start(self):
         watching = []
+        self.wrap(self.torch.autograd, "backward", self._backward_wrapper)  # backward passes (summary, timeline)
+        self.wrap(self.torch, "save", self._save_wrapper)  # checkpoints (what fell inside a --profile window)
+        pre_hooks = getattr(self.api.optimizer_hooks, "register_optimizer_step_pre_hook", None)
+        if pre_hooks is not None:
+            self._handles.append(pre_hooks(self._before_step))
         for detector in self.detectors:
             reason = detector.missing(self.api)
             if reason:
@@ -233,15 +287,14 @@ class Session:
             for kind in detector.kinds:
                 self._owner[kind] = detector
             detector.install()
-            if detector.watches:  # empty: nothing observed (the profiler when off)
-                watching.append(detector.watches)
+            if detector.observes:  # empty: nothing observed (the profiler when off)
+                watching.append(detector.observes)
         if self.api.step_hooks is not None:
             self._handles.append(self.api.step_hooks(self._after_step))
             watching.insert(min(1, len(watching)), "optimizer steps")
             from shims.detect import steps_after_compile  # torch 2.0-2.2: compile unhooks optimizer steps
             steps_after_compile.install(self)
-        if self._module_calls or self._module_outputs or self._forwards:
-            self._install_forward_hooks()
+        self._install_forward_hooks()  # always: the forwards and evaluations observed are in every report
         import atexit
         atexit.register(self._at_exit)
         self.record.target(TARGET, "applied", "observing " + ", ".join(watching))
@@ -316,7 +369,8 @@ class Session:
             from shims import config
             if not report.table_claimed() and not config.is_child():
                 path = self.engine.report_path()  # written by the engine's own exit handler, which runs next
-                report.print_findings(self.engine.receipt.as_dict(), report=os.path.abspath(path) if path else None)
+                report.print_findings(self.engine.receipt.as_dict(), report=os.path.abspath(path) if path else None,
+                                      ignores=getattr(self.engine.config, "ignores", ()))
         except Exception as exc:  # noqa: BLE001 - never fail the user's exit
             sys.stderr.write(f"[shims] detect mode: could not write the findings: {type(exc).__name__}: {exc}\n")
 
@@ -356,6 +410,11 @@ class Session:
             state.depth -= 1
         if not self.active:
             return
+        if not state.depth:
+            frame = sys._getframe(1)
+            self.observation.forward(module.training, state.start, perf_counter(),
+                                     lambda: self.sites.where(frame))
+            frame = None
         if self._module_calls:
             self._dispatch(self._module_calls, module)
         if self._module_outputs:
@@ -401,6 +460,7 @@ class Session:
             self._step_last[key] = now
             self._step_count[key] = self._step_count.get(key, 0) + 1
             self.steps += 1
+            self.observation.step(now)
             if self._reset_on_reentry:
                 self._tls.depth = 0  # no forward spans an optimizer step; one that raised is over
         except Exception as exc:  # noqa: BLE001
@@ -414,6 +474,35 @@ class Session:
             self.settling = False
         if self._dirty and now >= self._next_publish:
             self._publish()
+
+    def _before_step(self, optimizer, args, kwargs):
+        if self.active:
+            self.observation.step_started = perf_counter()
+
+    def _backward_wrapper(self, original):
+        session = self
+
+        def backward(*args, **kwargs):
+            start = perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if session.active and not session._compiling():
+                    try:
+                        frame = sys._getframe(1)
+                        session.observation.backward(start, perf_counter(), lambda: session.sites.where(frame))
+                        frame = None
+                    except Exception as exc:  # noqa: BLE001
+                        session.fail("backward-events", exc)
+        return backward
+
+    def _save_wrapper(self, original):
+        observation = self.observation
+
+        def save(*args, **kwargs):
+            observation.saves += 1
+            return original(*args, **kwargs)
+        return save
 
     def _autograd_grad_wrapper(self, original):
         session, listeners = self, self._grad_calls
@@ -482,10 +571,39 @@ class Session:
                 continue
             detector = self._owner[found.kind]
             try:
-                message, cost, fix = detector.describe(found)
+                described = detector.describe(found)
+                message, cost, fix = described[:3]
+                fields = self.cost_fields(found)
+                fields.update(described[3] if len(described) > 3 else {})
+                fields.update(self.sites.reached_from(found.where))
             except Exception as exc:  # noqa: BLE001
                 self.fail(detector, exc)
                 continue
-            self.record.finding(found.kind, message, where=found.where, cost=cost, fix=fix,
-                                count=found.count - found.published)
+            entry = self.record.finding(found.kind, message, where=found.where, cost=cost, fix=fix,
+                                        count=found.count - found.published)
+            entry.update(fields)
             found.published = found.count
+        try:
+            self.record.observed = self.observation.as_dict(self.torch, self.step_seconds())
+        except Exception as exc:  # noqa: BLE001
+            self.fail("observed", exc)
+
+    def cost_fields(self, found):
+        """The numeric cost of a finding, for the JSON report and the ranking: `per` (step: a per-step cost,
+        averaged over the optimizer steps observed; one-time: paid once, e.g. at a model's construction), `basis`
+        (measured in this run, or estimate), `seconds_each` (median measured time of one occurrence),
+        `seconds_per_step` and `step_share` (share of the median optimizer step), `bytes` (memory held, when the
+        detector measured it). A detector adds or overrides fields by returning a dict as describe()'s 4th item."""
+        each = found.seconds()
+        once = bool(found.info.get("one_time"))
+        fields = {"per": "one-time" if once else "step", "basis": "measured" if each is not None else "estimate",
+                  "seconds_each": each, "seconds_per_step": None, "step_share": None,
+                  "bytes": found.info.get("bytes")}
+        if each is not None and once:
+            fields["seconds_once"] = each * found.count
+        elif each is not None and self.steps:
+            per_step = each * found.count / self.steps
+            fields["seconds_per_step"] = per_step
+            step = self.step_seconds()
+            fields["step_share"] = per_step / step if step else None
+        return fields

@@ -1,8 +1,8 @@
 """What a detector is (`Detector`: what it declares) and what it accumulates per finding (`Finding`).
 
 A detector is one module in shims/detect/detectors/ defining DETECTOR, a Detector subclass: its name, its kinds,
-what it watches, the torch APIs it needs, and install() / describe() / finish(). Everything it shares with the
-others (events, the step clock, call sites, wrapping, graph watches, the receipt) is the Session's (core.py), reached
+what it observes, the torch APIs it needs, and install() / describe() / finish(). Everything it shares with the
+others (events, the step clock, call sites, wrapping, graph tracking, the receipt) is the Session's (core.py), reached
 as self.session. docs/detect.md, "How to add a detector", has a template.
 """
 
@@ -17,13 +17,13 @@ SAMPLES = 64  # timing samples kept per finding (medians)
 
 class Detector:
     """One detector. Subclass it in shims/detect/detectors/<module>.py, set the class attributes, implement
-    `install` and `describe` (and `finish` for findings that need the whole run), and name the module in
-    shims/detect/__init__.py's DETECTOR_MODULES. `self.session` is the Session; `self.on` turns False when the
+    `install` and `describe` (and `finish` for findings that need the whole run): being in detectors/ is enough. `self.session` is the Session; `self.on` turns False when the
     detector is switched off (after an error it raised, or on revert): wrappers it installs check it first."""
 
     name = ""  # short identifier: the receipt target torch:detectors.<name> when refused or failed
-    kinds = {}  # kind -> one line: what a finding of that kind means (docs/detect.md must list every kind)
-    watches = ""  # what it observes, in words (the receipt's "observing ..." line)
+    kinds = {}  # kind -> one line: what a finding of that kind means
+    docs = {}  # kind -> (what, count, cost, fix): its row of docs/detect.md's table (shims/detect/catalogue.py)
+    observes = ""  # what it observes, in words (the receipt's "observing ..." line)
     needs = ()  # compat.TorchAPI features it cannot work without: refused, with the reason, where one is absent
 
     def __init__(self, session):

@@ -1,9 +1,9 @@
 """Whether a backward ever reached an autograd graph, known cheaply and soundly, and what such a graph holds.
 
-`watch(owner, nodes, item, callback)`: one small callable is registered as a pre-hook on each of the graph's output
+`track(owner, nodes, item, callback)`: one small callable is registered as a pre-hook on each of the graph's output
 nodes; autograd calls it when a backward (or autograd.grad) passes through. A weak reference to that callable dies when
 autograd frees those nodes, i.e. when the outputs are dropped; its callback only queues it (no locks, no receipt:
-it runs inside the garbage collector). The session hands queued watches to `callback(item, reached)` at its next
+it runs inside the garbage collector). The session hands queued tracked graphs to `callback(item, reached)` at its next
 safe point (after a forward, after an optimizer step, at flush); graphs still alive at the end are taken by their
 owner with `take_alive(owner)`.
 """
@@ -22,31 +22,31 @@ class _Reached:
     __slots__ = ("flag", "__weakref__")
 
     def __init__(self, flag):
-        self.flag = flag  # [reached]: outlives this object (the watch keeps it), which must die with the graph
+        self.flag = flag  # [reached]: outlives this object (the tracked keeps it), which must die with the graph
 
     def __call__(self, grad_outputs):
         self.flag[0] = True
 
 
-class _Watch(weakref.ref):
+class _Tracked(weakref.ref):
     """Dies with the graph's output nodes."""
 
     __slots__ = ("owner", "item", "callback", "state")
 
 
-class GraphWatches:
+class GraphTracker:
     def __init__(self):
-        self._alive = {}  # id(watch) -> _Watch whose graph is alive
-        self._gone = deque()  # watches whose graph was freed (appended from GC callbacks)
+        self._alive = {}  # id(tracked) -> _Tracked whose graph is alive
+        self._gone = deque()  # tracked graphs whose graph was freed (appended from GC callbacks)
 
-    def watch(self, owner, nodes, item, callback):
+    def track(self, owner, nodes, item, callback):
         flag = [False]
         reached = _Reached(flag)
         for node in nodes:
             node.register_prehook(reached)
-        watch = _Watch(reached, self._gone.append)
-        watch.owner, watch.item, watch.callback, watch.state = owner, item, callback, flag
-        self._alive[id(watch)] = watch
+        tracked = _Tracked(reached, self._gone.append)
+        tracked.owner, tracked.item, tracked.callback, tracked.state = owner, item, callback, flag
+        self._alive[id(tracked)] = tracked
 
     def pending(self):
         return bool(self._gone)
@@ -55,17 +55,17 @@ class GraphWatches:
         """(owner, callback, item, reached) of every graph freed since the last call."""
         gone = self._gone
         while gone:
-            watch = gone.popleft()
-            self._alive.pop(id(watch), None)
-            yield watch.owner, watch.callback, watch.item, watch.state[0]
+            tracked = gone.popleft()
+            self._alive.pop(id(tracked), None)
+            yield tracked.owner, tracked.callback, tracked.item, tracked.state[0]
 
     def take_alive(self, owner):
         """The (item, reached) of `owner`'s graphs still alive, forgotten here (the end of a run)."""
         taken = []
-        for key, watch in list(self._alive.items()):
-            if watch.owner is owner and watch() is not None:
+        for key, tracked in list(self._alive.items()):
+            if tracked.owner is owner and tracked() is not None:
                 del self._alive[key]
-                taken.append((watch.item, watch.state[0]))
+                taken.append((tracked.item, tracked.state[0]))
         return taken
 
     def clear(self):

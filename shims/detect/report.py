@@ -1,6 +1,7 @@
 """The report of the observe-only mode: units of a cost, and the findings table (detect mode's own at exit, and
-`python -m shims doctor`'s, which adds the findings of child processes). It only reads receipt dictionaries and
-imports nothing from shims, so both the detectors and the doctor CLI use it without importing each other.
+`python -m shims doctor`'s, which adds the findings of child processes; results.py builds both). It only reads receipt
+dictionaries and imports nothing from shims outside shims.detect, so both the detectors and the doctor CLI use it
+without importing each other.
 """
 
 from __future__ import annotations
@@ -46,71 +47,16 @@ def ms(seconds):
 
 # ---------------------------------------------------------------- the table
 
-def _shown_place(where):
-    """A finding's place, relative to the working directory when it is under it (the JSON keeps it as recorded)."""
-    if not where:
-        return "?"
-    path, sep, line = where.rpartition(":")
-    if not sep or not os.path.isabs(path):
-        return where
-    try:
-        relative = os.path.relpath(path)
-    except ValueError:  # another drive (Windows)
-        return where
-    return where if relative.startswith("..") else f"{relative}:{line}"
+def format_table(receipt, children=(), ignores=()):
+    """The findings of a receipt dict (and of the receipts of child processes) as plain-text lines, the summary line
+    first (shims.detect.results builds the report: merged, suppressions applied, ranked by cost)."""
+    from shims.detect import results
+    return results.format_table(results.build([receipt, *children], ignores=ignores))
 
 
-def _rows(receipt, pid=None):
-    rows = []
-    for name, rec in receipt.get("patches", {}).items():
-        for finding in rec.get("findings", ()):
-            rows.append((name, pid, finding))
-    return rows
-
-
-def _unobserved(receipt):
-    """Lines for what could not be observed: records in error, and detectors this torch cannot support (refused)."""
-    lines = []
-    for name, rec in receipt.get("patches", {}).items():
-        if rec.get("status") == "error":
-            lines.append(f"  {name}: {rec['status']}: {rec['reason']}")
-        if name == "detect":
-            lines.extend(f"  {name}: {target}: {state['reason']}"
-                         for target, state in rec.get("targets", {}).items() if state.get("status") == "skipped")
-    return lines
-
-
-def format_table(receipt, children=()):
-    """The findings of a receipt dict (and of the receipts of child processes) as plain-text lines."""
-    rows = _rows(receipt)
-    for child in children:
-        rows.extend(_rows(child, child.get("pid")))
-    problems = _unobserved(receipt)
-    if not rows:
-        lines = ["shims doctor: no findings."]
-    else:
-        processes = len({pid for _, pid, _ in rows})
-        kinds = [f["kind"] if name == "detect" else f"{name}:{f['kind']}" for name, _, f in rows]
-        width = max(len(k) for k in kinds)
-        lines = [f"shims doctor: {len(rows)} finding(s)" + (f" in {processes} processes" if processes > 1 else ""),
-                 f"  {'#':>2}  {'kind':<{width}} {'count':>6}  where"]
-        for number, ((name, pid, f), kind) in enumerate(zip(rows, kinds), 1):
-            place = _shown_place(f.get("where")) + (f" (pid {pid})" if pid is not None else "")
-            lines.append(f"  {number:>2}  {kind:<{width}} {f['count']:>6}  {place}")
-            lines.append(f"      {f['message']}")
-            if f.get("cost"):
-                lines.append(f"      cost: {f['cost']}")
-            if f.get("fix"):
-                lines.append(f"      fix:  {f['fix']}")
-    if problems:
-        lines.append("shims could not observe everything:")
-        lines.extend(problems)
-    return lines
-
-
-def print_findings(receipt, children=(), report=None, out=None):
+def print_findings(receipt, children=(), report=None, out=None, ignores=()):
     out = out or sys.stderr
-    lines = format_table(receipt, children)
+    lines = format_table(receipt, children, ignores)
     if report:
         lines.append(f"JSON report: {report}")
     out.write("\n" + "\n".join(lines) + "\n")
@@ -135,3 +81,67 @@ def child_reports(report, since):
         except (OSError, ValueError):
             continue
     return found
+
+
+STARTED = ".started"  # beside a child's report: written when its detect mode starts, so the parent knows to wait
+CHILD_WAIT = 60.0  # seconds the doctor waits, at most, for processes that started detect mode to write their report
+
+
+def mark_started(report):
+    """In a process started by the run: say, beside the report it will write at exit, that it is observing."""
+    try:
+        with open(report + STARTED, "w") as f:
+            f.write(str(os.getpid()))
+    except OSError:
+        pass
+
+
+def _alive(pid):
+    """Whether process `pid` still runs (a zombie, exited but not reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def wait_for_children(report, since, timeout=CHILD_WAIT):
+    """Wait until every process of this run that started detect mode (its `.started` mark) has written its report,
+    or has ended without one, at most `timeout` seconds (Lightning's strategy="ddp" starts rank 1 with
+    subprocess.Popen and does not wait for it). Returns {pid: why its report is missing} for the others."""
+    import glob
+    import time
+    root, ext = os.path.splitext(report)
+    marks = {}
+    for path in glob.glob(f"{glob.escape(root)}.*{ext}{STARTED}"):
+        middle = path[len(root) + 1:len(path) - len(ext) - len(STARTED)]
+        try:
+            if middle.isdigit() and int(middle) != os.getpid() and os.path.getmtime(path) >= since:
+                marks[int(middle)] = (path[:-len(STARTED)], os.path.getmtime(path))
+        except OSError:
+            continue
+
+    def written(pid):
+        path, started = marks[pid]
+        try:
+            return os.path.getmtime(path) >= started
+        except OSError:
+            return False
+    deadline = time.time() + timeout
+    pending = {pid for pid in marks if not written(pid)}
+    while pending and time.time() < deadline:
+        pending = {pid for pid in pending if not written(pid) and _alive(pid)}
+        if pending:
+            time.sleep(0.1)
+    missing = {}
+    for pid in sorted(pid for pid in marks if not written(pid)):
+        missing[pid] = (f"still running after {timeout:.0f} s" if _alive(pid) else
+                        "ended without writing one (killed, or left through os._exit)")
+    return missing
+

@@ -16,6 +16,8 @@ class CallSites:
         self._prefixes = _internal_prefixes(torch)
         self._internal = {}  # code object -> True when the frame is torch's or shims' own
         self._covered = _modules_patches_observe(engine)
+        self._framework = {}  # code object -> top-level package name when the code is an installed framework's
+        self._reached = {}  # framework file:line -> (package, the user's file:line whose call reached it)
 
     def is_internal(self, code):
         internal = self._internal.get(code)
@@ -32,9 +34,42 @@ class CallSites:
         return None
 
     def where(self, frame):
-        """file:line of the first frame at or above `frame` that is neither torch's nor shims' own."""
+        """file:line of the first frame at or above `frame` that is neither torch's nor shims' own. When that frame
+        is an installed framework's (site-packages), the user's line that called into it is remembered too
+        (reached_from)."""
         frame = self.user_frame(frame)
-        return None if frame is None else f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        if frame is None:
+            return None
+        where = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+        package = self.framework_of(frame)
+        if package is not None and where not in self._reached:
+            caller = frame.f_back
+            while caller is not None and (self.is_internal(caller.f_code) or self.framework_of(caller) is not None):
+                caller = caller.f_back
+            user = None if caller is None else f"{caller.f_code.co_filename}:{caller.f_lineno}"
+            self._reached[where] = (package, user)
+        return where
+
+    def framework_of(self, frame):
+        """The top-level package of an installed framework running `frame` (None for the user's own code)."""
+        code = frame.f_code
+        found = self._framework.get(code, False)
+        if found is False:
+            path = code.co_filename.replace(os.sep, "/")
+            found = None
+            if "/site-packages/" in path or "/dist-packages/" in path:
+                found = (frame.f_globals.get("__name__") or "").split(".")[0] or None
+            self._framework[code] = found
+        return found
+
+    def reached_from(self, where):
+        """For a finding in framework code: {"framework", "framework_version", "user_where"} (the user's line
+        whose call reached the framework line `where`); {} for a finding in the user's own code."""
+        reached = self._reached.get(where)
+        if reached is None:
+            return {}
+        package, user = reached
+        return {"framework": package, "framework_version": _version_of(package), "user_where": user}
 
     def caller(self, frame):
         """file:line of `frame` when it is user (or framework) code; None when torch or shims itself is calling."""
@@ -62,6 +97,18 @@ class CallSites:
         for name, rec in list(self.engine.receipt.records.items()):
             if name != own_record and any(f["where"] == where for f in rec.findings):
                 return name
+        return None
+
+
+def _version_of(package):
+    module = sys.modules.get(package)
+    version = getattr(module, "__version__", None)
+    if isinstance(version, str):
+        return version
+    try:
+        from importlib import metadata
+        return metadata.version(package)
+    except Exception:  # noqa: BLE001 - a package whose distribution has another name
         return None
 
 

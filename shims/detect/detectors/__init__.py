@@ -1,2 +1,2 @@
-"""One module per detector of the observe-only mode; each defines DETECTOR, a shims.detect.core.Detector subclass.
-The list and its order live in shims/detect/__init__.py (DETECTOR_MODULES)."""
+"""One module per detector of the observe-only mode; each defines DETECTOR, a shims.detect.detector.Detector subclass.
+A module here is a detector: shims.detect.detector_modules() finds it (no list to edit)."""

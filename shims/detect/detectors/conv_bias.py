@@ -32,7 +32,19 @@ class ConvBias(Detector):
     name = "conv-bias"
     kinds = {"conv-bias-batchnorm": "a convolution with a bias feeding straight into BatchNorm, which cancels the "
                                     "bias"}
-    watches = "convolutions feeding BatchNorm"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'conv-bias-batchnorm': (
+            'a `Conv1d/2d/3d` (or `ConvTranspose`) with a bias whose output tensor, unmodified, is the input of a '
+            "`BatchNorm1d/2d/3d` using batch statistics, seen in the data flow at run time (the profiler's "
+            "`Conv2dBiasFollowedByBatchNorm2dPattern`): BatchNorm subtracts each channel's mean, cancelling the "
+            "bias; reported at the convolution's construction, else at the line running the BatchNorm; silent on "
+            '`bias=False`, conv -> ReLU -> BN (in place too) and BatchNorm in eval mode',
+            'convolutions',
+            'bias parameters wasted (counted), additions per forward (measured output size)',
+            '`bias=False`',
+        ),
+    }
+    observes = "convolutions feeding BatchNorm"
 
     def install(self):
         nn, session = self.session.torch.nn, self.session

@@ -5,7 +5,7 @@
                           kept a second autograd graph, and (retain_graph defaults to create_graph) the forward's too
 
 Watches: torch.autograd.grad calls with create_graph=True made by user or framework code (session.on_autograd_grad:
-the one wrapper the detectors share), and the graph its results carry (session.watch_graph).
+the one wrapper the detectors share), and the graph its results carry (session.track_graph).
 Judges: once that graph is freed, or at the end of the run if still alive: never reached by a backward or another
 autograd.grad. Silent when a later backward goes through the derivatives (gradient penalty, a PINN residual loss,
 MAML's inner step, a second derivative taken from the first) and when no result depends on anything requiring grad.
@@ -28,7 +28,19 @@ class CreateGraph(Detector):
     name = "create-graph"
     kinds = {"create-graph-unused": "torch.autograd.grad(create_graph=True) whose graph of derivatives no later "
                                     "backward used"}
-    watches = "torch.autograd.grad(create_graph=True)"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'create-graph-unused': (
+            '`torch.autograd.grad(..., create_graph=True)` whose graph of derivatives no later backward (or '
+            'autograd.grad) went through before it was freed or the run ended: the derivatives were needed as values '
+            "only (the speed article's PINN case); silent when a loss built from them is backpropagated (gradient "
+            'penalty, PINN residual loss, a second derivative taken from the first)',
+            'calls',
+            "measured on the first call at that line: bytes that graph saves beyond the forward graph's; the call's "
+            'time (median) and share of the step',
+            'drop `create_graph=True` (`retain_graph=True` if a later backward needs the forward)',
+        ),
+    }
+    observes = "torch.autograd.grad(create_graph=True)"
     needs = ("node_prehooks",)
 
     def install(self):
@@ -64,7 +76,7 @@ class CreateGraph(Detector):
                 return  # no derivative depends on anything that requires grad: no second graph was built
             if forward_saved is not None:
                 self._extra_bytes[where] = saved_activation_bytes(nodes, forward_saved)
-            session.watch_graph(self, nodes, (where, seconds), self.graph_freed)
+            session.track_graph(self, nodes, (where, seconds), self.graph_freed)
         return done
 
     def graph_freed(self, call, reached):

@@ -34,7 +34,22 @@ class DataLoaders(Detector):
         "dataloader-workers": "num_workers=0 while accelerator training waits for data",
         "dataloader-pin-memory": "pin_memory=False while host batches feed accelerator training",
     }
-    watches = "DataLoaders"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'dataloader-workers': (
+            'a `DataLoader(num_workers=0)` whose batches feed training on an accelerator, while waiting for a batch '
+            'takes 5% of the step or more',
+            'batches',
+            'measured wait per batch and its share of the step',
+            '`num_workers >= 2`',
+        ),
+        'dataloader-pin-memory': (
+            'a `DataLoader` without `pin_memory` yielding host tensors to training on an accelerator',
+            'batches',
+            'estimated (pageable host-to-device copies cannot overlap compute)',
+            '`pin_memory=True` and `.to(device, non_blocking=True)`',
+        ),
+    }
+    observes = "DataLoaders"
     needs = ("step_hooks",)
 
     def install(self):

@@ -4,7 +4,7 @@
                             step: each all-reduces every gradient, though only the last one's result is needed
                             (ultralytics 8.4.62 trainer.py:459/485 accumulates this way)
 
-Watches: outermost forwards of DistributedDataParallel modules in training with gradient synchronisation on (not
+Observes: outermost forwards of DistributedDataParallel modules in training with gradient synchronisation on (not
 inside no_sync()), whose autograd graph a backward then reached; optimizer steps.
 Judges: more than one such backward of the same DDP object between two optimizer steps. Silent on no_sync() for all
 but the last micro-batch (what accelerate's accumulate() and the transformers Trainer do), and on one backward per
@@ -32,7 +32,20 @@ class DDPAccumulation(Detector):
     name = "ddp-accumulation"
     kinds = {"ddp-accumulation-sync": "gradient accumulation under DistributedDataParallel without no_sync(): "
                                       "every micro-batch's backward all-reduces"}
-    watches = "DistributedDataParallel forwards and optimizer steps"
+    docs = {  # its row of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        "ddp-accumulation-sync": (
+            'more than one synchronised backward of the same `DistributedDataParallel` model between two optimizer '
+            'steps (forwards in training outside `no_sync()` whose graph a backward reached): gradient accumulation '
+            'where every micro-batch all-reduces (ultralytics 8.4.62 `trainer.py:459/485`); reported at the DDP '
+            "model's forward line; silent with `no_sync()` for all but the last micro-batch (accelerate's "
+            '`accumulate()`, the transformers Trainer) and on one backward per step',
+            'optimizer steps',
+            "measured: DDP's own average backward communication time (its logging data) times the extra all-reduces "
+            'per step, and its share of the step',
+            '`with model.no_sync():` around the forward and backward of every micro-batch but the last',
+        ),
+    }
+    observes = "DistributedDataParallel forwards and optimizer steps"
     needs = ("node_prehooks", "step_hooks")
 
     def install(self):
@@ -48,7 +61,7 @@ class DDPAccumulation(Detector):
         if not isinstance(module, self._ddp_type) or not module.training \
                 or not getattr(module, "require_backward_grad_sync", True):
             return
-        self.session.watch_graph(self, call.nodes, _SyncedForward(id(module), call.where, self._weakref(module)),
+        self.session.track_graph(self, call.nodes, _SyncedForward(id(module), call.where, self._weakref(module)),
                                  self.graph_freed)
 
     def graph_freed(self, forward, reached):

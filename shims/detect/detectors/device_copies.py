@@ -49,7 +49,23 @@ class DeviceCopies(Detector):
     name = "device-copies"
     kinds = {"data-copied-every-epoch": "the same host data copied to the device every epoch although all of it "
                                         "would fit in device memory"}
-    watches = "host-to-device copies"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'data-copied-every-epoch': (
+            '`.to(device)` / `.cuda()` of host tensors holding the same data as an earlier copy at that line (the '
+            'same host tensor, or a view of the same living host tensor, same place, shape and dtype, not modified '
+            'in place since), or of the batches of a `DataLoader` over a `TensorDataset` of host tensors iterated '
+            'again (also when the loader is built anew each epoch), in 2 rounds or more, while that data takes at '
+            "most half of the device's free memory; silent on fresh batches (a `Dataset` that builds its items, "
+            'random tensors), on data changed in place between copies, on data that would not fit, on data moved to '
+            'the device once, and on the CPU',
+            'rounds (epochs) in which it was copied',
+            'measured host time of those copy calls per round and per step (asynchronous copies from pinned memory '
+            'take longer on the device than measured), and estimated transfer time at 12 GB/s (PCIe 3.0 x16, pinned)',
+            'move the data set to the device once before the loop (`TensorDataset(x.to(device), y.to(device))`) and '
+            'index it there',
+        ),
+    }
+    observes = "host-to-device copies"
 
     def install(self):
         from torch.utils.data import TensorDataset, dataloader

@@ -27,7 +27,27 @@ _MATMUL = ("Mm", "Addmm", "Bmm", "Baddbmm", "Addbmm", "Matmul", "Linear", "Scale
 class Float32Training(Detector):
     name = "float32-training"
     kinds = {"float32-no-autocast": "float32 training without autocast on a device with tensor cores (TF32 off)"}
-    watches = "float32 forwards on tensor-core devices"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'float32-no-autocast': (
+            'training forwards (followed by an optimizer step) that ran float32 matmuls (`Linear`, attention, RNNs, '
+            "or mm/bmm/addmm found in the forward's autograd graph) or convolutions outside any autocast region, "
+            'float32 weights and outputs, on a device with tensor cores (CUDA compute capability >= 7.0, or an '
+            'accelerator whose torch module says it supports bfloat16), where TF32 does not already cover that work; '
+            "reported at the forward's call site; silent under `torch.autocast`, with float16/bfloat16 weights, with "
+            'TF32 for matmuls (`set_float32_matmul_precision("high"/"medium")`, `allow_tf32`, or torch 2.9+\'s '
+            '`torch.backends.cuda.matmul.fp32_precision = "tf32"`; settings that torch itself cannot tell apart '
+            'count as TF32 on) and for convolutions (`cudnn.allow_tf32` / `cudnn.conv.fp32_precision`, on by '
+            'default) on compute capability >= 8.0, and on the CPU',
+            'optimizer steps',
+            "estimated: the device's peak tensor-core throughput over float32 (8x on compute capability 7.x, 16x on "
+            '8.0, 4x on 8.6/8.9, 15x on 9.0, from the NVIDIA datasheets of V100, A100, A10, H100, named in the '
+            'cost), said to be an upper bound; next to it the measured time of those forwards per step and its share '
+            'of the step',
+            '`torch.autocast(device, dtype=torch.bfloat16)` (float16 with a `GradScaler` on compute capability 7.x), '
+            'or `torch.set_float32_matmul_precision("high")` (TF32)',
+        ),
+    }
+    observes = "float32 forwards on tensor-core devices"
     needs = ("step_hooks",)
 
     def install(self):

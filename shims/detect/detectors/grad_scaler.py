@@ -36,7 +36,20 @@ class GradScalerMissing(Detector):
     name = "grad-scaler"
     kinds = {"float16-no-grad-scaler": "backward of a loss computed under float16 autocast on an accelerator "
                                        "without a GradScaler: small gradients underflow to zero"}
-    watches = "float16 autocast and GradScaler"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'float16-no-grad-scaler': (
+            'a backward (`loss.backward()` or `torch.autograd.backward`) while a forward of this optimizer step ran '
+            'under `autocast(dtype=torch.float16)` on an accelerator and no `GradScaler.scale` was called in this '
+            "step (`torch.amp.GradScaler`, `torch.cuda.amp.GradScaler`, FSDP's `ShardedGradScaler`: whichever this "
+            'torch has); reported at the backward; silent with an enabled scaler (one built with `enabled=False` '
+            'scales nothing: reported), with bfloat16 autocast and on the CPU',
+            'backwards',
+            'estimated: a correctness cost, not time: float16 gradients below 6e-8 become zero (below 6.1e-5 they '
+            'lose precision)',
+            '`scaler.scale(loss).backward()`, `scaler.step(optimizer)`, `scaler.update()`; or bfloat16 autocast',
+        ),
+    }
+    observes = "float16 autocast and GradScaler"
     needs = ("step_hooks",)
 
     def missing(self, api):

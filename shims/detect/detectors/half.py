@@ -31,7 +31,18 @@ class _Halved:
 class HalfEval(Detector):
     name = "half"
     kinds = {"half-eval": ".half() / .to(float16) on a module with normalisation layers, then evaluated in float16"}
-    watches = ".half()/.to(float16)"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'half-eval': (
+            '`.half()` or `.to(torch.float16)` on a module that contains normalisation layers, then an eval-mode '
+            'forward in float16; the message adds it when training later resumes with the module still float16 '
+            '(RF-DETR <= 1.5 `fp16_eval`)',
+            'casts followed by evaluation',
+            'measured on the weights before the cast: values that overflow, flush to zero or turn subnormal in '
+            "float16, the largest relative rounding error, `eps` below float16's normal range",
+            '`torch.autocast` with float32 weights (RF-DETR: the detr patch)',
+        ),
+    }
+    observes = ".half()/.to(float16)"
 
     def install(self):
         self._halved = {}  # id(module) -> _Halved

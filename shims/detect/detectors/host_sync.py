@@ -13,9 +13,7 @@ Cost: the measured time blocked per call, per step, and its share of the step.
 
 from __future__ import annotations
 
-import sys
 from collections import deque
-from time import perf_counter
 
 from shims.detect import report, tensors
 from shims.detect.detector import SAMPLES, Detector
@@ -25,57 +23,66 @@ SYNC_STEP_SHARE = 0.5  # ... and in at least this share of them ("per step", not
 READS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__repr__", "__format__")
 
 
+class _Site:
+    """The host reads at one place: judged at the end of the run (a finding only if they hit most steps)."""
+
+    __slots__ = ("calls", "steps_hit", "last_step", "samples")
+
+    def __init__(self):
+        self.calls, self.steps_hit, self.last_step, self.samples = 0, 0, -1, deque(maxlen=SAMPLES)
+
+
 class HostSync(Detector):
     name = "host-sync"
     kinds = {"host-sync": "a host read of an accelerator tensor (.item(), .cpu(), printing...) in most training steps"}
-    watches = "host reads of tensors"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'host-sync': (
+            '`.item()`, `.cpu()`, `.tolist()`, `float()`, `int()`, `bool()`, `print`/`format` of an accelerator '
+            'tensor, called directly by your code in at least half of the optimizer steps (3 at least)',
+            'calls',
+            'measured time blocked per call, per step, and share of the step',
+            'keep values on the device, read them every N steps',
+        ),
+    }
+    observes = "host reads of tensors"
     needs = ("step_hooks",)
 
     def install(self):
-        self._in_read = False
-        self._sites = {}  # where -> [calls, steps hit, last step, seconds samples]
+        self._in_read = False  # a read inside a read (format -> item): counted once
+        self._sites = {}  # where -> _Site
         for name in READS:
-            self.session.wrap(self.session.torch.Tensor, name, self._read_wrapper)
+            self.session.intercept(self, self.session.torch.Tensor, name, self.timed_read,
+                                   when=lambda tensor, *args, **kwargs: not self._in_read
+                                   and tensors.on_accelerator(tensor))
 
-    def _read_wrapper(self, original):
-        detector = self
-
-        def host_read(self, *args, **kwargs):
-            if detector.on and not detector._in_read and tensors.on_accelerator(self):
-                return detector.timed_read(original, self, args, kwargs, sys._getframe(1))
-            return original(self, *args, **kwargs)
-        return host_read
-
-    def timed_read(self, original, tensor, args, kwargs, frame):
+    def timed_read(self, call):
         session = self.session
-        where = None if session.compiling() else session.sites.caller(frame)
+        where = session.sites.caller(call.frame)
         if where is None:
-            return original(tensor, *args, **kwargs)
+            return call.proceed()
         self._in_read = True
         try:
-            start = perf_counter()
-            result = original(tensor, *args, **kwargs)
-            seconds = perf_counter() - start
+            result = call.proceed()
         finally:
             self._in_read = False
         site = self._sites.get(where)
         if site is None:
-            site = self._sites[where] = [0, 0, -1, deque(maxlen=SAMPLES)]
-        site[0] += 1
-        if site[2] != session.steps:
-            site[1] += 1
-            site[2] = session.steps
-        site[3].append(seconds)
+            site = self._sites[where] = _Site()
+        site.calls += 1
+        if site.last_step != session.steps:
+            site.steps_hit += 1
+            site.last_step = session.steps
+        site.samples.append(call.seconds)
         return result
 
     def finish(self):
         steps = self.session.steps
-        for where, (calls, hit, _, samples) in self._sites.items():
-            if steps and hit >= SYNC_MIN_STEPS and hit >= SYNC_STEP_SHARE * steps:
+        for where, site in self._sites.items():
+            if steps and site.steps_hit >= SYNC_MIN_STEPS and site.steps_hit >= SYNC_STEP_SHARE * steps:
                 found = self.session.finding("host-sync", where)
-                found.count = calls
-                found.samples = deque(samples, maxlen=SAMPLES)
-                found.info["steps_hit"], found.info["steps"] = hit, steps
+                found.count = site.calls
+                found.samples = deque(site.samples, maxlen=SAMPLES)
+                found.info["steps_hit"], found.info["steps"] = site.steps_hit, steps
 
     def describe(self, finding):
         seconds, session = finding.seconds(), self.session

@@ -39,7 +39,23 @@ class ForLoopOptimizers(Detector):
     name = "optimizers"
     kinds = {"optimizer-for-loop": "an optimizer updating accelerator parameters one tensor at a time (neither "
                                    "foreach nor fused)"}
-    watches = "optimizer implementations"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'optimizer-for-loop': (
+            'a torch optimizer with a `foreach` option (Adam, AdamW, SGD, ...) stepping accelerator parameters one '
+            "tensor at a time: `foreach=False`, or `foreach` left at its default where torch's own rule "
+            '(`torch.optim.optimizer._default_to_fused_or_foreach`, asked, not copied) picks the for-loop for these '
+            'parameters while fused kernels exist for the device; reported where the optimizer was built; silent on '
+            'the defaults where torch picks foreach (CUDA), with `foreach=True`, `fused=True`, '
+            '`differentiable=True`, and on the CPU',
+            'optimizer steps',
+            'measured host time of `step()` (from the second step) and its share of the step; estimated kernel '
+            'launches (8 per parameter tensor for Adam) that foreach groups into a few per group and fused into '
+            'about one',
+            '`fused=True` where this torch has fused kernels for the device (Adam/AdamW on CUDA since 2.0), else '
+            'leave `foreach` at its default / `foreach=True`',
+        ),
+    }
+    observes = "optimizer implementations"
     needs = ("step_hooks",)
 
     def install(self):

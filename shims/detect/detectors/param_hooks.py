@@ -14,7 +14,6 @@ Cost: the hook's measured time per spurious firing; for a double firing, an esti
 
 from __future__ import annotations
 
-import sys
 from time import perf_counter
 
 from shims.detect import report
@@ -58,7 +57,22 @@ class ParamHooks(Detector):
         "hook-in-autograd-grad": "a parameter's tensor hook fired by torch.autograd.grad",
         "hook-fired-twice": "tensor hooks registered at one place on one parameter fired twice in one backward",
     }
-    watches = "parameter tensor hooks"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'hook-in-autograd-grad': (
+            'a tensor hook registered with `param.register_hook` fired inside `torch.autograd.grad`, which never '
+            'writes `.grad` (ColossalAI #5601)',
+            'spurious firings',
+            'measured time of the hook itself per spurious firing',
+            '`register_post_accumulate_grad_hook` (ColossalAI: the colossalai patch)',
+        ),
+        'hook-fired-twice': (
+            'hooks registered at one place on one parameter fired twice in one backward (registered twice)',
+            'backwards with a double firing',
+            "the hook's work done twice",
+            'register once per parameter',
+        ),
+    }
+    observes = "parameter tensor hooks"
     needs = ("graph_task_id",)
 
     def install(self):
@@ -66,21 +80,21 @@ class ParamHooks(Detector):
         self._in_autograd_grad = 0
         self._task_of = {}  # _ParamHook.key -> [graph task id, firings in it]
         self._graph_task = session.api.graph_task_id
-        session.wrap(session.torch.Tensor, "register_hook", self._register_hook_wrapper)
+        parameter = session.torch.nn.Parameter
+        session.intercept(self, session.torch.Tensor, "register_hook", self._registered,
+                          when=lambda tensor, *args, **kwargs: isinstance(tensor, parameter))
         session.on_autograd_grad(self, self._autograd_grad_called)
 
-    def _register_hook_wrapper(self, original):
-        detector, parameter = self, self.session.torch.nn.Parameter
-
-        def register_hook(self, hook):
-            if detector.on and isinstance(self, parameter):
-                frame = sys._getframe(1)
-                sites = detector.session.sites
-                where = sites.caller(frame)
-                if where is not None and not sites.covered(frame):
-                    hook = _ParamHook(hook, where, id(self), detector)
-            return original(self, hook)
-        return register_hook
+    def _registered(self, call):
+        """A tensor hook registered on a parameter by the user's (or a framework's) code: register it wrapped."""
+        sites = self.session.sites
+        where = sites.caller(call.frame)
+        if where is not None and not sites.covered(call.frame):
+            if len(call.args) == 2:
+                call.args[1] = _ParamHook(call.args[1], where, id(call.args[0]), self)
+            elif "hook" in call.kwargs:
+                call.kwargs["hook"] = _ParamHook(call.kwargs["hook"], where, id(call.args[0]), self)
+        return call.proceed()
 
     def _autograd_grad_called(self, args, kwargs, frame):
         self._in_autograd_grad += 1

@@ -15,8 +15,6 @@ the call.
 from __future__ import annotations
 
 import inspect
-import sys
-from time import perf_counter
 
 from shims.detect import report
 from shims.detect.detector import Detector
@@ -49,48 +47,47 @@ def _gradient_bytes(owner, optimizer_type):
 class ZeroGrad(Detector):
     name = "zero-grad"
     kinds = {"zero-grad-filled": "zero_grad(set_to_none=False): gradients zero-filled every step instead of released"}
-    watches = "zero_grad calls"
+    docs = {  # its rows of docs/detect.md's table (kind: what, count, cost, fix): python -m shims.detect.catalogue
+        'zero-grad-filled': (
+            '`optimizer.zero_grad(set_to_none=False)` or `model.zero_grad(set_to_none=False)` zero-filling existing '
+            "gradients (the profiler's `GradNotSetToNonePattern`); silent on the default and `set_to_none=True`, and "
+            'on a call with no gradient yet',
+            'calls that zero-filled',
+            'measured: bytes of gradients written with zeros per call (kept allocated through the next forward), '
+            'host time of the call and its share of the step',
+            '`zero_grad()` (`set_to_none=True`, the default since torch 2.0)',
+        ),
+    }
+    observes = "zero_grad calls"
 
     def install(self):
         torch = self.session.torch
         self._optimizer_type = torch.optim.Optimizer
-        self._bytes = {}  # where -> [calls measured, bytes zero-filled by the last call measured]
-        self.session.wrap(torch.optim.Optimizer, "zero_grad", self._zero_grad_wrapper)
-        self.session.wrap(torch.nn.Module, "zero_grad", self._zero_grad_wrapper)
+        self._measured = {}  # where -> calls whose gradient bytes were measured (the bytes are in the finding)
+        for owner in (torch.optim.Optimizer, torch.nn.Module):
+            default = _default_set_to_none(getattr(owner, "zero_grad"))
+            self.session.intercept(self, owner, "zero_grad", self.zero_fill,
+                                   when=lambda owner, *args, default=default, **kwargs: not (
+                                       kwargs["set_to_none"] if "set_to_none" in kwargs else
+                                       args[0] if args else default))
 
-    def _zero_grad_wrapper(self, original):
-        detector, default = self, _default_set_to_none(original)
-
-        def zero_grad(self, *args, **kwargs):
-            if detector.on:
-                set_to_none = kwargs["set_to_none"] if "set_to_none" in kwargs else args[0] if args else default
-                if not set_to_none:
-                    return detector.zero_fill(original, self, args, kwargs, sys._getframe(1))
-            return original(self, *args, **kwargs)
-        return zero_grad
-
-    def zero_fill(self, original, owner, args, kwargs, frame):
-        session = self.session
-        try:
-            where = None if session.compiling() else session.sites.caller(frame)
-            site = None
-            if where is not None:
-                site = self._bytes.get(where)
-                if site is None:
-                    site = self._bytes[where] = [0, 0]
-                if site[0] < MEASURED_CALLS:
-                    site[0] += 1
-                    site[1] = _gradient_bytes(owner, self._optimizer_type)
-        except Exception as exc:  # noqa: BLE001 - a detector never breaks the user's run
-            session.fail(self, exc)
-            site = None
-        start = perf_counter()
-        result = original(owner, *args, **kwargs)
-        seconds = perf_counter() - start
-        if site is not None and site[1] and self.on:
+    def zero_fill(self, call):
+        """A zero_grad(set_to_none=False) call: measure the gradients it fills (the first calls at a place), time it."""
+        session, owner = self.session, call.args[0]
+        where = session.sites.caller(call.frame)
+        nbytes = None
+        if where is not None and self._measured.get(where, 0) < MEASURED_CALLS:
+            self._measured[where] = self._measured.get(where, 0) + 1
+            nbytes = _gradient_bytes(owner, self._optimizer_type)
+        result = call.proceed()
+        if where is None:
+            return result
+        found = session.peek("zero-grad-filled", where)
+        nbytes = nbytes if nbytes is not None else (found.info.get("bytes", 0) if found is not None else 0)
+        if nbytes:  # nothing filled (no gradient yet): no finding
             found = session.finding("zero-grad-filled", where)
-            found.add(seconds)
-            found.info["bytes"] = site[1]
+            found.add(call.seconds)
+            found.info["bytes"] = nbytes
             found.info["module"] = not isinstance(owner, self._optimizer_type)
         return result
 

@@ -1,5 +1,5 @@
 """Host synchronisations and DataLoader settings on a real accelerator (CUDA). They only exist there: on the CPU
-machine of CI these tests are skipped, and tests/test_detect.py checks the same logic with CPU tensors standing in."""
+machine of CI these tests are skipped, and tests/detect/test_host_sync.py and test_dataloaders.py checks the same logic with CPU tensors standing in."""
 
 from __future__ import annotations
 
@@ -10,25 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import shims
-from tests.conftest import marker_line
+from tests.detect.conftest import line_of, observe
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device here: host syncs and pinned memory exist only on an accelerator")
 SELF = __file__
-
-
-def line_of(marker):
-    return marker_line(SELF, marker)
-
-
-def observe(loop):
-    shims.enable(patches="none", mode="detect")
-    try:
-        loop()
-    finally:
-        shims.disable()
-    return shims.status()["patches"]["detect"]["findings"]
 
 
 class SlowDataset(torch.utils.data.Dataset):

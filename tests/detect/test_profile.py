@@ -6,6 +6,8 @@
 - A run that ends before the N steps is stopped at exit and says how many were recorded; one that ends within the
   warm-up says nothing was; a script's own running profiler is left alone.
 - Off by default: no step listener, no profiler, no trace file.
+- The window says what fell inside it besides training steps (an evaluation, a torch.save), and the operators are
+  averaged per optimizer step.
 - Bad values are rejected, naming the option (or variable), the value and what is valid.
 """
 
@@ -245,7 +247,7 @@ def test_off_by_default_subscribes_to_nothing(tmp_path, monkeypatch):
 
 
 def test_sort_key_is_device_time_by_the_name_this_torch_uses():
-    from shims.detect.detectors.profile import _sort_key
+    from shims.detect.profiling import _sort_key
     new = types.SimpleNamespace(self_device_time_total=5, self_cpu_time_total=1)
     old = types.SimpleNamespace(self_cuda_time_total=5, self_cpu_time_total=1)  # torch before the rename
     assert _sort_key([new], "cuda") == ("self_device_time_total", "self CUDA time")
@@ -286,7 +288,7 @@ def test_bad_profile_option_is_rejected_naming_option_value_and_valid_choices(ar
     assert main(["doctor", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"shims doctor: {shown}")
-    assert "usage: python -m shims doctor [-h] [--profile N] [--] COMMAND" in err
+    assert "usage: python -m shims doctor [-h] [--profile N]" in err
     assert "1 or more" in err or "is not valid" not in shown
     assert config.PROFILE_VAR not in os.environ
 
@@ -305,3 +307,30 @@ def test_bad_environment_value_stops_the_doctor_before_the_script(tmp_path):
     proc = run_python(["-m", "shims", "doctor", script], env=clean_env(SHIMS_PROFILE_STEPS="0"), check=False)
     assert proc.returncode == 2
     assert "SHIMS_PROFILE_STEPS='0' is not valid" in proc.stderr and "the script ran" not in proc.stderr
+
+
+# ---------------------------------------------------------------- the window: what fell inside, per-step averages
+
+def test_the_window_says_what_fell_inside_and_averages_per_step(tmp_path):
+    def evaluate_and_save(step):
+        if step == 3:  # after the third optimizer step: inside the window of steps 3-4
+            model = nn.Linear(8, 2).eval()
+            with torch.no_grad():
+                model(torch.randn(4, 8))
+                model(torch.randn(4, 8))
+            torch.save(model.state_dict(), tmp_path / "checkpoint.pt")
+    state = profiled(tmp_path, 2, lambda: train(6, during=evaluate_and_save))
+    assert state["status"] == "applied"
+    profile = shims.status()["patches"]["detect"]["observed"]["profile"]
+    assert profile["steps"] == 2
+    assert "inside the window: 1 evaluation (2 forwards in eval mode), 1 checkpoint save(s) (torch.save)" \
+        in profile["window"]
+    rows = {row["name"]: row for row in profile["operators"]}
+    assert rows["Optimizer.step#SGD.step"]["calls_per_step"] == 1.0
+    assert not any(name.startswith("ProfilerStep") for name in rows)
+
+
+def test_a_window_of_training_steps_only_says_so(tmp_path):
+    profiled(tmp_path, 2, lambda: train(6))
+    profile = shims.status()["patches"]["detect"]["observed"]["profile"]
+    assert profile["window"].endswith("inside the window: training steps only (no evaluation, no torch.save)")

@@ -13,14 +13,10 @@ import pytest
 import torch
 
 import shims
-from tests.conftest import marker_line
+from tests.detect.conftest import line_of
 
 SELF = __file__
 VOCAB = "abcdefghij"
-
-
-def line_of(marker):
-    return marker_line(SELF, marker)
 
 
 def build():

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import shims
 from shims.detect import compat, report
 from tests.conftest import clean_env, run_python, write
-from tests.test_detect import (assert_compiled_training_unchanged_and_quiet, batch_transforms, fit_one_epoch_buggy,
-                               line_of, make_bn_mlp, make_training, observe)
+from tests.detect.conftest import (assert_compiled_training_unchanged_and_quiet, batch_transforms,
+                                   fit_one_epoch_buggy, line_of, make_bn_mlp, make_training, observe)
 
 
 @pytest.fixture

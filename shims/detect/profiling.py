@@ -9,7 +9,7 @@ install() subscribes to nothing, so it costs nothing. On, counting the steps of 
                         where a device was traced, else by self CPU time, and the Chrome/Perfetto trace is written
                         next to the JSON report (shims-doctor.json -> shims-doctor.trace.json)
 A run that ends first is stopped at exit, saying how many steps were recorded. The profiler only observes: the
-training computes exactly what it computes without it (tested bitwise, tests/test_doctor_profile.py).
+training computes exactly what it computes without it (tested bitwise, tests/detect/test_profile.py).
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ _DEVICE_ACTIVITIES = {"cuda": "CUDA", "xpu": "XPU", "mtia": "MTIA", "hpu": "HPU"
 
 
 class Profile(Detector):
+    """Installed by the session after the detectors (shims/detect/__init__.py), never found as one."""
     name = "profile"
     kinds = {}
-    watches = ""  # joins the receipt's "observing ..." line only when profiling is on (set in install)
+    observes = ""  # joins the receipt's "observing ..." line only when profiling is on (set in install)
 
     def install(self):
         config = self.session.engine.config
@@ -47,7 +48,7 @@ class Profile(Detector):
             self._say(f"not profiled: {reason}")
             self.session.record.target(self.target, "skipped", f"--profile {self.steps}: {reason}")
             return
-        self.watches = f"torch.profiler over {self.steps} optimizer step(s)"
+        self.observes = f"torch.profiler over {self.steps} optimizer step(s)"
         self._installed_at = time.time()
         self._clock = None  # weak reference to the optimizer whose steps are counted
         self._seen = 0
@@ -71,6 +72,8 @@ class Profile(Detector):
                 self._start()
             elif self._profiler is not None:
                 self._profiler.step()
+                if self._at_start is None:  # the warm-up phase is over: recording starts now
+                    self._at_start = self._observed_now()
                 if self._seen == WARMUP_STEPS + self.steps:
                     self._stop()
         except Exception as exc:  # noqa: BLE001 - the profiler is torch's; say why and leave the run alone
@@ -93,6 +96,7 @@ class Profile(Detector):
         self._profiler = profiler.profile(activities=activities, schedule=profiler.schedule(
             wait=0, warmup=1, active=self.steps, repeat=1))
         self._profiler.start()
+        self._at_start = None  # what the session had observed when recording began (set at the next step)
 
     def _device_activity(self, profiler):
         """(device type to trace, or None; a note when the device cannot be traced by this torch's profiler)."""
@@ -154,16 +158,42 @@ class Profile(Detector):
             self.session.record.target(self.target, "skipped", f"--profile {self.steps}: {why}")
             return
         sort_by, unit = _sort_key(events, self.device)
+        inside = self._fell_inside()
+        per_step = _per_step_rows(events, recorded, self.device)
         os.makedirs(os.path.dirname(self.trace_path), exist_ok=True)
         profiler.export_chrome_trace(self.trace_path)
         what = f"{steps} ({recorded} of {self.steps} profiled" + (f"; {early}" if early else "") + ")"
         lines = [f"shims doctor --profile {self.steps}: torch.profiler, {what}, after {WARMUP_STEPS} warm-up steps; "
                  f"top {TABLE_ROWS} operators by {unit}" + (f" ({self.activity_note})" if self.activity_note else ""),
                  events.table(sort_by=sort_by, row_limit=TABLE_ROWS).rstrip("\n"),
+                 f"per optimizer step (totals / {recorded}): " + "; ".join(
+                     f"{r['name']} {r['self_cpu_ms_per_step']:.3f} ms" for r in per_step[:5]),
+                 f"inside the window: {inside}",
                  f"trace (chrome://tracing or https://ui.perfetto.dev): {self.trace_path}"]
+        self.session.observation.profile = {
+            "window": f"{steps} ({recorded} of {self.steps} profiled{'; ' + early if early else ''}), after "
+                      f"{WARMUP_STEPS} warm-up steps; inside the window: {inside}",
+            "steps": recorded, "operators": per_step[:TABLE_ROWS], "trace": self.trace_path}
         self._say("\n".join(lines))
         self.session.record.target(self.target, "applied", f"--profile {self.steps}: {what}, sorted by {unit}; "
                                                            f"trace: {self.trace_path}")
+
+    def _observed_now(self):
+        o = self.session.observation
+        return o.evaluations, o.forwards_eval, o.saves
+
+    def _fell_inside(self):
+        """What else than training steps fell inside the recorded window (its operators are in the table)."""
+        start = self._at_start or self._observed_now()
+        evaluations, forwards, saves = (b - a for a, b in zip(start, self._observed_now()))
+        parts = []
+        if forwards:
+            parts.append(f"{evaluations or 'part of an'} evaluation{'s' if evaluations > 1 else ''} ({forwards} "
+                         f"forward{'s' if forwards > 1 else ''} in eval mode)")
+        if saves:
+            parts.append(f"{saves} checkpoint save(s) (torch.save)")
+        return ("training steps only (no evaluation, no torch.save)" if not parts else
+                ", ".join(parts) + ": their operators are in the table and the per-step averages")
 
     def finish(self):
         """The run is over: a profile still recording (or still in warm-up) is stopped now, and says so."""
@@ -222,6 +252,26 @@ def _profiler_already_on(torch):
         return False
 
 
+def _per_step_rows(events, steps, device):
+    """The operators' totals divided by the steps recorded: calls and self time per optimizer step (ms)."""
+    rows = []
+    device_attr = None
+    if device is not None and len(events):
+        device_attr = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else \
+            "self_cuda_time_total" if device == "cuda" else None
+    for e in events:
+        if e.key.startswith("ProfilerStep"):
+            continue  # the profiler's own range around each step: the whole step, not an operator
+        row = {"name": e.key, "calls_per_step": e.count / steps,
+               "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps}
+        if device_attr:
+            row["self_device_ms_per_step"] = round(getattr(e, device_attr, 0) / 1000 / steps, 4)
+        rows.append(row)
+    key = "self_device_ms_per_step" if device_attr and any(r.get("self_device_ms_per_step") for r in rows) \
+        else "self_cpu_ms_per_step"
+    return sorted(rows, key=lambda r: -r.get(key, 0))
+
+
 def _sort_key(events, device):
     """(attribute to sort the table by, its words): self device time where a device was traced and took time (named
     self_device_time_total in newer torch, self_cuda_time_total in older), else self CPU time."""
@@ -233,5 +283,3 @@ def _sort_key(events, device):
             return name, f"self {device.upper()} time"
     return "self_cpu_time_total", "self CPU time"
 
-
-DETECTOR = Profile

@@ -11,14 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import shims
-from tests.conftest import marker_line
-from tests.test_detect import observe
+from tests.detect.conftest import line_of, observe
 
 SELF = __file__
-
-
-def line_of(marker):
-    return marker_line(SELF, marker)
 
 
 def summary(findings):
