@@ -109,20 +109,22 @@ def observe_find_unused(original, ctx):
 
 
 def fingerprint(init):
-    """None when DDP looks like the one this patch was written for, else why not."""
+    """None when DDP looks like the one this patch was written for; else raises Skip saying why not."""
     import inspect
+
+    from shims.patch import Skip
     try:
         parameters = inspect.signature(init).parameters
     except (TypeError, ValueError) as exc:
-        return f"DistributedDataParallel.__init__ has no readable signature: {exc}"
+        raise Skip(f"DistributedDataParallel.__init__ has no readable signature: {exc}") from None
     missing = [p for p in ("find_unused_parameters", "static_graph", "process_group") if p not in parameters]
     if missing:
-        return f"DistributedDataParallel.__init__ has no parameter {', '.join(missing)}"
+        raise Skip(f"DistributedDataParallel.__init__ has no parameter {', '.join(missing)}")
     owner = init.__globals__.get("DistributedDataParallel")
     needed = ("forward", "no_sync")
     absent = [n for n in needed if owner is None or not hasattr(owner, n)]
     if absent:
-        return f"DistributedDataParallel has no {', '.join(absent)} (a torch this patch was not written for)"
+        raise Skip(f"DistributedDataParallel has no {', '.join(absent)} (a torch this patch was not written for)")
     return None
 
 
