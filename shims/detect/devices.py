@@ -2,7 +2,7 @@
 optimizer implementation torch picks for it. One place, read-only (nothing here changes torch's state).
 
 Detectors call these through the module (`devices.tensor_cores(...)`), so tests on a machine without an accelerator
-can answer for one (tests/test_detect_accelerator.py), as `tensors.on_accelerator` lets CPU tensors stand in.
+can answer for one (tests/detect/test_accelerator.py), as `tensors.on_accelerator` lets CPU tensors stand in.
 """
 
 from __future__ import annotations
