@@ -24,7 +24,7 @@ from shims import config, engine, registry
 from shims.patch import Patch, Skip, Target
 
 TIMEOUT = 120
-REAL_PATCHES = ("doctr", "detr", "ddp", "colossalai")
+REAL_PATCHES = ("doctr", "detr", "ddp", "colossalai", "yolo")
 
 
 # ---------------------------------------------------------------- 1. configuration
