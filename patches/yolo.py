@@ -252,11 +252,12 @@ def replace_validation(original, ctx):
         except Exception as exc:  # noqa: BLE001 - never crash the user's validation
             give_up(f"{type(exc).__name__}: {exc}")
             return wrapped(*args, **kwargs)
-        record.count("validations_kept_float32")
         try:
             with torch.no_grad(), keep:
                 return unwrapped_call(bound)
         finally:
+            # half never asked for (CPU, AMP off): the validation ran exactly as written
+            record.count("validations_kept_float32" if keep.halved else "validations_passed_through")
             changed = _changed(before)
             if changed:
                 record.note(f"{ctx.target}: the validation changed {len(changed)} model tensor(s) anyway, e.g. "

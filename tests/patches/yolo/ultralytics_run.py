@@ -95,16 +95,20 @@ def main(argv=None):
 
         def save_recorded():
             saved = save_model()
-            record["epochs"][-1]["saved"] = bool(saved)
+            if record["epochs"] and "saved" not in record["epochs"][-1]:  # epochs without validation: not recorded
+                record["epochs"][-1]["saved"] = bool(saved)
             return saved
 
         trainer.validate, trainer.save_model = validate_recorded, save_recorded
 
     model = YOLO("yolov8n.yaml")
     model.add_callback("on_train_start", on_train_start)
-    model.train(data=data, epochs=opts.epochs, imgsz=64, batch=4, nbs=4, workers=0, device="cpu", seed=0,
-                deterministic=True, plots=False, val=not opts.no_val, project=os.path.join(opts.root, "runs"),
-                name="train", exist_ok=True, verbose=False, amp=False, warmup_epochs=0)
+    try:
+        model.train(data=data, epochs=opts.epochs, imgsz=64, batch=4, nbs=4, workers=0, device="cpu", seed=0,
+                    deterministic=True, plots=False, val=not opts.no_val, project=os.path.join(opts.root, "runs"),
+                    name="train", exist_ok=True, verbose=False, amp=False, warmup_epochs=0)
+    except FileNotFoundError as exc:  # ultralytics >= 8.4: "Training completed but no checkpoint was saved"
+        record["train_error"] = str(exc)
     last = os.path.join(opts.root, "runs", "train", "weights", "last.pt")
     record["last_saved"] = os.path.exists(last)
     record["final_model"] = {k: v.detach().clone() for k, v in model.trainer.model.state_dict().items()}

@@ -1,0 +1,69 @@
+"""Shared by the yolo tests: ultralytics releases installed beside each other (`pip install --no-deps --target`, the
+rest of ultralytics' requirements from this environment), and recorded training runs in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from tests.conftest import REPO, clean_env
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RUNNER = os.path.join(HERE, "ultralytics_run.py")
+CACHE = os.environ.get("YOLO_RELEASE_CACHE") or os.path.expanduser("~/.cache/shims-tests/ultralytics")
+BUGGY, FIXED = "8.4.61", "8.4.62"  # the last release with `model.half()` in the validator, the first without
+
+
+def cpu_float16(autocast):
+    """Whether this torch runs a Conv2d in float16 on the CPU: under autocast (`autocast=True`) or on a model cast
+    with .half() (the unpatched validator's path)."""
+    import torch
+    conv = torch.nn.Conv2d(3, 4, 3)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if autocast:
+                with torch.autocast("cpu", dtype=torch.float16):
+                    return conv(torch.ones(1, 3, 8, 8)).dtype == torch.float16
+            return conv.half()(torch.ones(1, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def release(version):
+    """A folder holding ultralytics `version` (installed once into the cache); skips with the reason when the
+    registry cannot be reached or ultralytics' requirements are not in this environment."""
+    try:
+        import ultralytics  # noqa: F401 - the installed one brings the requirements both releases share
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"ultralytics is not importable here ({type(exc).__name__}: {exc}): its requirements are missing")
+    target = os.path.join(CACHE, version)
+    if not os.path.isdir(os.path.join(target, "ultralytics")):
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
+                               f"ultralytics=={version}"], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.skip(f"pip could not install ultralytics=={version} into {target}: {proc.stderr.strip()[-300:]}")
+    return target
+
+
+def recorded_run(tmp_root, version, *flags, timeout=600):
+    """Run tests/patches/yolo/ultralytics_run.py with ultralytics `version` first on the path; returns its record."""
+    import torch
+    out = os.path.join(tmp_root, "record.pt")
+    env = clean_env(YOLO_OFFLINE="1", YOLO_CONFIG_DIR=os.path.join(tmp_root, "settings"))
+    env["PYTHONPATH"] = os.pathsep.join([release(version), env["PYTHONPATH"]])
+    proc = subprocess.run([sys.executable, RUNNER, out, "--root", str(tmp_root), *flags], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{version} {flags} exited {proc.returncode}\n{proc.stderr[-5000:]}"
+    kwargs = {"weights_only": False} if "weights_only" in torch.load.__code__.co_varnames else {}
+    return torch.load(out, **kwargs)
+
+
+def bitwise_equal(a, b):
+    """Two state dicts with the same keys, dtypes and bits."""
+    import torch
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
