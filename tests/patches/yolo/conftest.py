@@ -50,13 +50,31 @@ def release(version):
     return target
 
 
-def recorded_run(tmp_root, version, *flags, timeout=600):
-    """Run tests/patches/yolo/ultralytics_run.py with ultralytics `version` first on the path; returns its record."""
+def yolov5_package(version="7.0.14"):
+    """A folder holding the `yolov5` package (installed once, without its requirements: the ones it imports for
+    validation are this environment's, plus setuptools < 81 for its `import pkg_resources`); skips with the reason."""
+    for name in ("pandas", "seaborn", "ultralytics"):
+        try:
+            __import__(name)
+        except Exception as exc:  # noqa: BLE001
+            pytest.skip(f"yolov5 {version} imports {name}, which is not importable here ({type(exc).__name__})")
+    target = os.path.join(os.path.dirname(CACHE), "yolov5", version)
+    if not os.path.isdir(os.path.join(target, "yolov5")):
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
+                               f"yolov5=={version}", "setuptools<81"], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            pytest.skip(f"pip could not install yolov5=={version} into {target}: {proc.stderr.strip()[-300:]}")
+    return target
+
+
+def recorded_run(tmp_root, version, *flags, timeout=600, runner=RUNNER):
+    """Run tests/patches/yolo/ultralytics_run.py with ultralytics `version` first on the path (or `runner` with the
+    folder `version` names first); returns its record."""
     import torch
     out = os.path.join(tmp_root, "record.pt")
     env = clean_env(YOLO_OFFLINE="1", YOLO_CONFIG_DIR=os.path.join(tmp_root, "settings"))
-    env["PYTHONPATH"] = os.pathsep.join([release(version), env["PYTHONPATH"]])
-    proc = subprocess.run([sys.executable, RUNNER, out, "--root", str(tmp_root), *flags], env=env, cwd=REPO,
+    env["PYTHONPATH"] = os.pathsep.join([version if os.path.isdir(version) else release(version), env["PYTHONPATH"]])
+    proc = subprocess.run([sys.executable, runner, out, "--root", str(tmp_root), *flags], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{version} {flags} exited {proc.returncode}\n{proc.stderr[-5000:]}"
     kwargs = {"weights_only": False} if "weights_only" in torch.load.__code__.co_varnames else {}
