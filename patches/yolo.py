@@ -281,23 +281,20 @@ def detect_half_validation(original, ctx):
     unwrapped = inspect.unwrap(original)
     takes_trainer = _takes_trainer(unwrapped)
     signature = inspect.signature(unwrapped)
-    framework_dir = os.path.dirname(unwrapped.__code__.co_filename)
-    package = unwrapped.__module__.split(".")[0]
-    if package in ("ultralytics", "yolov5"):
-        module = sys.modules.get(package)
-        framework_dir = os.path.dirname(getattr(module, "__file__", None) or framework_dir)
-    framework_dir = os.path.join(framework_dir, "")
+    own_file = unwrapped.__code__.co_filename
+    framework_dir = own_file  # a clone: its train.py, beside val.py / test.py, is the caller to name
+    package = sys.modules.get(unwrapped.__module__.split(".")[0])
+    if ctx.target.distribution and getattr(package, "__file__", None):  # ultralytics, yolov5: the whole package
+        framework_dir = os.path.join(os.path.dirname(package.__file__), "")
     record = ctx.record
 
     def user_line(frame):
         """The first caller outside the framework, shims, torch and wrapt: the user's `model.train(...)` line."""
         import torch
-        skip = (framework_dir, os.path.join(os.path.dirname(torch.__file__), ""),
-                os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ""))
+        skip = (framework_dir, os.path.join(os.path.dirname(torch.__file__), ""))  # shims: by module name below
         while frame is not None:
             name = frame.f_code.co_filename
-            if not name.startswith(skip) and not frame.f_globals.get("__name__", "").startswith(("wrapt", "shims")) \
-                    and name != unwrapped.__code__.co_filename:
+            if not name.startswith(skip) and not frame.f_globals.get("__name__", "").startswith(("wrapt", "shims")):
                 return f"{name}:{frame.f_lineno}"
             frame = frame.f_back
         return None

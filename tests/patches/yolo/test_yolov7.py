@@ -12,6 +12,7 @@ import shims
 from shims.patch import Skip
 from shims.patches import yolo as yolo_patch
 from tests.patches.yolo import yolov7_reference as ref
+from tests.conftest import marker_line
 from tests.patches.yolo.conftest import bitwise_equal, cpu_float16
 
 SITE = "tests.patches.yolo.yolov7_reference:test"
@@ -130,3 +131,27 @@ def test_fixed_upstream_release_is_left_alone(monkeypatch):
     receipt = shims.enable(patches=["yolo"])
     target = receipt["patches"]["yolo"]["targets"]["ultralytics.engine.validator:BaseValidator.__call__"]
     assert target["status"] == "fixed-upstream"
+
+
+@pytest.mark.usefixtures("half_path")
+def test_detect_mode_reports_each_validation_at_the_caller_and_the_framework_line():
+    """Observe only: the EMA still comes out float16-rounded (nothing changed); one finding per validation, placed at
+    the line that called the validator (train.py's line in a clone), naming the `.half()` line; the generic half
+    detector leaves this cast to the patch."""
+    ema = trained_ema()
+    before = state(ema)
+    shims.enable(patches=["yolo"], mode="detect", options={"SHIMS_YOLO_SITES": SITE})
+    try:
+        for _ in range(2):
+            ref.test(None, model=ema, dataloader=ref.batches(), compute_loss=ref.tiny_loss)  # validator call
+    finally:
+        shims.disable()
+    patches = shims.status()["patches"]
+    findings = patches["yolo"]["findings"]
+    assert [(f["kind"], f["where"], f["count"]) for f in findings] == [
+        ("yolo-eval-half", marker_line(__file__, "validator call"), 2)]
+    assert f"{ref.__file__}:{yolo_patch.read_half_calls(ref.test)[1][0][0]}" in findings[0]["message"]
+    assert "the model passed for validation" in findings[0]["message"]
+    assert not [f for f in patches.get("detect", {}).get("findings", []) if f["kind"] == "half-eval"]
+    if cpu_float16(autocast=False):
+        assert not bitwise_equal(state(ema), before)  # the run itself is unchanged: the cast happened
