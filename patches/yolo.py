@@ -92,15 +92,24 @@ def fingerprint(func):
 _MISSING = object()
 
 
+def _version(tensor):
+    """The version counter; None for an inference tensor, which has none (an EMA cast back with model.float()
+    inside a validator's inference_mode, e.g. by an earlier unpatched validation, is made of them)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def _state_of(modules):
     """Per tensor: (name, tensor, dtype, device, requires_grad, version, data pointer)."""
-    return [(f"{type(m).__name__}.{name}", t, t.dtype, t.device, t.requires_grad, t._version, t.data_ptr())
+    return [(f"{type(m).__name__}.{name}", t, t.dtype, t.device, t.requires_grad, _version(t), t.data_ptr())
             for m in modules for name, t in list(m.named_parameters()) + list(m.named_buffers())]
 
 
 def _changed(before):
     return [e[0] for e in before
-            if (e[1].dtype, e[1].device, e[1].requires_grad, e[1]._version, e[1].data_ptr()) != e[2:]]
+            if (e[1].dtype, e[1].device, e[1].requires_grad, _version(e[1]), e[1].data_ptr()) != e[2:]]
 
 
 def _device_type(module):

@@ -155,3 +155,18 @@ def test_detect_mode_reports_each_validation_at_the_caller_and_the_framework_lin
     assert not [f for f in patches.get("detect", {}).get("findings", []) if f["kind"] == "half-eval"]
     if cpu_float16(autocast=False):
         assert not bitwise_equal(state(ema), before)  # the run itself is unchanged: the cast happened
+
+
+@pytest.mark.usefixtures("half_path")
+def test_an_ema_made_of_inference_tensors_is_kept_too():
+    """An unpatched validation under inference_mode (ultralytics', YOLOv5's) leaves the EMA made of inference tensors
+    (its .half() / .float() ran there), which have no version counter: the next, patched, validation still keeps it."""
+    ema = trained_ema()
+    with torch.inference_mode():
+        ema.double().float()
+    assert next(ema.parameters()).is_inference()
+    before = state(ema)
+    validate(patched(), ema)
+    assert bitwise_equal(state(ema), before)
+    counters = shims.status()["patches"]["yolo"]["counters"]
+    assert counters["validations_kept_float32"] == 1 and "validations_unconverted" not in counters
