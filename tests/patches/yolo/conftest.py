@@ -47,7 +47,19 @@ def release(version):
                                f"ultralytics=={version}"], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             pytest.skip(f"pip could not install ultralytics=={version} into {target}: {proc.stderr.strip()[-300:]}")
+    importable(target, "ultralytics", version)
     return target
+
+
+def importable(folder, package, version):
+    """Skips, saying why, when `package` from `folder` does not import beside this environment's requirements."""
+    env = clean_env(YOLO_OFFLINE="1")
+    env["PYTHONPATH"] = os.pathsep.join([folder, env["PYTHONPATH"]])
+    proc = subprocess.run([sys.executable, "-c", f"import {package}"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"{package} {version} does not import with this environment's requirements: {last}")
 
 
 def yolov5_package(version="7.0.14"):
@@ -58,12 +70,17 @@ def yolov5_package(version="7.0.14"):
             __import__(name)
         except Exception as exc:  # noqa: BLE001
             pytest.skip(f"yolov5 {version} imports {name}, which is not importable here ({type(exc).__name__})")
+    import importlib.util
+    spec = importlib.util.find_spec("yolov5")
+    if spec is not None and spec.origin:  # installed (the matrix row that has it): its own folder
+        return os.path.dirname(os.path.dirname(spec.origin))
     target = os.path.join(os.path.dirname(CACHE), "yolov5", version)
     if not os.path.isdir(os.path.join(target, "yolov5")):
         proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target,
                                f"yolov5=={version}", "setuptools<81"], capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             pytest.skip(f"pip could not install yolov5=={version} into {target}: {proc.stderr.strip()[-300:]}")
+    importable(target, "yolov5.val", version)
     return target
 
 
