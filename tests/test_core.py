@@ -716,7 +716,7 @@ def test_disable_gives_the_environment_back_and_enable_reads_the_users_environme
         shims.enable(patches=["doctr"], strict=True)
         assert os.environ["SHIMS_PATCHES"] == "doctr" and os.environ["SHIMS__BOOT"] == "1"
         shims.enable()  # the user's environment again (SHIMS_DISABLE=ddp), not what the first call exported
-        assert engine.get().config.patches == ("doctr", "detr", "colossalai") and not engine.get().config.strict
+        assert engine.get().config.patches == ("doctr", "detr", "colossalai", "yolo") and not engine.get().config.strict
         shims.disable()
         assert {k: v for k, v in os.environ.items() if k.startswith("SHIMS_")} == {"SHIMS_DISABLE": "ddp"}
     finally:
@@ -832,7 +832,7 @@ def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_packag
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"shims", wheel.name.split("-")[0] + "-" +
                                                 wheel.name.split("-")[1] + ".dist-info"}
-    for patch in ("doctr", "detr", "ddp", "colossalai"):
+    for patch in ("doctr", "detr", "ddp", "colossalai", "yolo"):
         assert f"shims/patches/{patch}.py" in names
     assert "shims/bootstrap/sitecustomize.py" in names
     target = tmp_path / "site"
@@ -845,4 +845,4 @@ def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_packag
          " sorted(shims.status()['patches']))", str(target)] + [p for p in sys.path if "site-packages" in p],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=clean_env(PYTHONPATH=""))
     assert check.returncode == 0, check.stderr
-    assert check.stdout.split() == ["True", "True", "['colossalai',", "'ddp',", "'detr',", "'doctr']"], check.stdout
+    assert check.stdout.split() == ["True", "True", "['colossalai',", "'ddp',", "'detr',", "'doctr',", "'yolo']"], check.stdout

@@ -27,6 +27,7 @@ CASES = {
     "detr": ("lwdetr_engine", [], "evaluate", {"SHIMS_DETR_MODULES": "lwdetr_engine"}),
     "doctr": ("train_pytorch", [], "fit_one_epoch", {}),
     "colossalai": ("colossalai.zero.low_level.low_level_optim", ["LowLevelZeroOptimizer"], "zero_grad", {}),
+    "yolo": ("yolov7_test", [], "test", {"SHIMS_YOLO_SITES": "yolov7_test:test"}),
 }
 
 SCRIPT = r"""
@@ -89,6 +90,8 @@ def _lay_out(patch, root):
         shutil.copytree(os.path.join(TESTS, "doctr_loops"), root / "tests" / "doctr_loops")
         (root / "tests" / "__init__.py").write_text("")
         shutil.copy(os.path.join(TESTS, "doctr_loops", "buggy_single.py"), root / "train_pytorch.py")
+    elif patch == "yolo":
+        shutil.copy(os.path.join(TESTS, "patches", "yolo", "yolov7_reference.py"), root / "yolov7_test.py")
     elif patch == "colossalai":
         package = root / "colossalai" / "zero" / "low_level"
         package.mkdir(parents=True)
