@@ -34,6 +34,13 @@ def cpu_float16(autocast):
         return False
 
 
+def needs_cpu_half():
+    """skipif marker: the unpatched half path (a float16 model on the CPU) cannot run on this torch."""
+    import torch
+    return pytest.mark.skipif(not cpu_float16(autocast=False), reason=(
+        f"torch {torch.__version__} has no float16 Conv2d on the CPU: the unpatched half path cannot run here"))
+
+
 def release(version):
     """A folder holding ultralytics `version` (installed once into the cache); skips with the reason when the
     registry cannot be reached or ultralytics' requirements are not in this environment."""
@@ -52,7 +59,26 @@ def release(version):
 
 
 def importable(folder, package, version):
-    """Skips, saying why, when `package` from `folder` does not import beside this environment's requirements."""
+    """Skips, saying why, when `package` from `folder` lacks a requirement here (some are imported only late, e.g.
+    ultralytics 8.4's polars when a checkpoint is saved) or does not import."""
+    import glob
+    import importlib.metadata
+    from packaging.requirements import Requirement
+    top = package.split(".")[0]
+    for meta in glob.glob(os.path.join(folder, f"{top}-*.dist-info", "METADATA")):
+        with open(meta, encoding="utf-8") as f:
+            wanted = [Requirement(line.split(":", 1)[1].strip()) for line in f if line.startswith("Requires-Dist:")]
+        for req in wanted:
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            if req.name in ("setuptools",) or os.path.isdir(os.path.join(folder, req.name.replace("-", "_"))):
+                continue
+            try:
+                importlib.metadata.version(req.name)
+            except importlib.metadata.PackageNotFoundError:
+                if top == "yolov5" and req.name not in ("pandas", "seaborn", "ultralytics", "torch", "torchvision"):
+                    continue  # yolov5 pins much that validation never imports (boto3, sahi, roboflow...)
+                pytest.skip(f"{package} {version} requires {req.name}, which is not installed here")
     env = clean_env(YOLO_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([folder, env["PYTHONPATH"]])
     proc = subprocess.run([sys.executable, "-c", f"import {package}"], env=env, capture_output=True, text=True,

@@ -12,11 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.patches.yolo.conftest import BUGGY, FIXED, bitwise_equal, cpu_float16, recorded_run
+from tests.patches.yolo.conftest import BUGGY, FIXED, bitwise_equal, cpu_float16, needs_cpu_half, recorded_run
 
 pytestmark = pytest.mark.slow
-needs_fp16_half = pytest.mark.skipif(not cpu_float16(autocast=False), reason=(
-    f"torch {torch.__version__} has no float16 Conv2d on the CPU: the unpatched half path cannot run here"))
+needs_fp16_half = needs_cpu_half()
 AUTOCASTS = ["default", pytest.param("float16", marks=pytest.mark.skipif(not cpu_float16(autocast=True), reason=(
     f"torch {torch.__version__} has no float16 autocast on the CPU (bfloat16, its default, is tested)")))]
 
@@ -119,3 +118,22 @@ def test_inf_case_patched_the_ema_stays_finite_float32_and_is_saved(runs):
     assert [e["saved"] for e in patched["epochs"]] == [False, True, True]
     assert [e["saved"] for e in fixed["epochs"]] == [True, True, True]
     assert patched["last_saved"] and "train_error" not in patched
+
+
+def test_the_installed_ultralytics_is_patched_below_the_fix_and_left_alone_from_it():
+    """Whatever ultralytics this environment has (8.0.239 in the oldest matrix row, the newest elsewhere)."""
+    from packaging.version import Version
+
+    import shims
+    from shims import versions
+    installed = versions.installed("ultralytics")
+    if installed is None:
+        pytest.skip("ultralytics is not installed here")
+    pytest.importorskip("ultralytics.engine.validator")
+    receipt = shims.enable(patches=["yolo"])
+    target = receipt["patches"]["yolo"]["targets"]["ultralytics.engine.validator:BaseValidator.__call__"]
+    expected = "fixed-upstream" if Version(installed) >= Version(FIXED) else "applied"
+    assert target["status"] == expected, target
+    if expected == "applied":
+        from ultralytics.engine.validator import BaseValidator
+        assert BaseValidator.__dict__["__call__"].__shims_original__ is not None

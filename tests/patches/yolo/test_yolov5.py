@@ -7,9 +7,8 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
-from tests.patches.yolo.conftest import HERE, bitwise_equal, cpu_float16, recorded_run, yolov5_package
+from tests.patches.yolo.conftest import HERE, bitwise_equal, needs_cpu_half, recorded_run, yolov5_package
 
 pytestmark = pytest.mark.slow
 RUNNER = os.path.join(HERE, "yolov5_run.py")
@@ -47,8 +46,7 @@ def test_a_clone_s_half_path_keeps_the_ema_and_equals_the_fixed_loop(runs):
     assert counters["forwards_autocast"] >= 1 and counters["losses_autocast"] >= 1
 
 
-@pytest.mark.skipif(not cpu_float16(autocast=False), reason=(
-    f"torch {torch.__version__} has no float16 Conv2d on the CPU: the unpatched half path cannot run here"))
+@needs_cpu_half()
 def test_a_clone_s_half_path_unpatched_rounds_the_ema(runs):
     buggy = runs("--variant", "clone", "--half-path")
     rounded = {k: v.half().float() if v.is_floating_point() else v for k, v in buggy["before"].items()}

@@ -13,7 +13,7 @@ from shims.patch import Skip
 from shims.patches import yolo as yolo_patch
 from tests.patches.yolo import yolov7_reference as ref
 from tests.conftest import marker_line
-from tests.patches.yolo.conftest import bitwise_equal, cpu_float16
+from tests.patches.yolo.conftest import bitwise_equal, needs_cpu_half
 
 SITE = "tests.patches.yolo.yolov7_reference:test"
 
@@ -68,8 +68,7 @@ def test_patched_half_path_keeps_the_ema_and_equals_the_fixed_loop():
 
 
 @pytest.mark.usefixtures("half_path")
-@pytest.mark.skipif(not cpu_float16(autocast=False), reason=(
-    f"torch {torch.__version__} has no float16 Conv2d on the CPU: the unpatched half path cannot run here"))
+@needs_cpu_half()
 def test_unpatched_half_path_rounds_the_ema_to_float16():
     ema = trained_ema()
     before = state(ema)
@@ -134,6 +133,7 @@ def test_fixed_upstream_release_is_left_alone(monkeypatch):
 
 
 @pytest.mark.usefixtures("half_path")
+@needs_cpu_half()
 def test_detect_mode_reports_each_validation_at_the_caller_and_the_framework_line():
     """Observe only: the EMA still comes out float16-rounded (nothing changed); one finding per validation, placed at
     the line that called the validator (train.py's line in a clone), naming the `.half()` line; the generic half
@@ -153,8 +153,7 @@ def test_detect_mode_reports_each_validation_at_the_caller_and_the_framework_lin
     assert f"{ref.__file__}:{yolo_patch.read_half_calls(ref.test)[1][0][0]}" in findings[0]["message"]
     assert "the model passed for validation" in findings[0]["message"]
     assert not [f for f in patches.get("detect", {}).get("findings", []) if f["kind"] == "half-eval"]
-    if cpu_float16(autocast=False):
-        assert not bitwise_equal(state(ema), before)  # the run itself is unchanged: the cast happened
+    assert not bitwise_equal(state(ema), before)  # the run itself is unchanged: the cast happened
 
 
 @pytest.mark.usefixtures("half_path")
