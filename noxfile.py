@@ -35,9 +35,11 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(REPO, ".nox", "results")
 # pycocotools: the DETR reference evaluates against a COCO ground truth (rfdetr brings it, but not everywhere);
 # pip: the real-ColossalAI test fetches the colossalai sdists with `pip download`; setuptools: the packaging tests
-# build a wheel of the checkout offline; jsonschema: the SARIF report is validated against the 2.1.0 schema
+# build a wheel of the checkout offline; jsonschema: the SARIF report is validated against the 2.1.0 schema;
+# pandas, seaborn: what yolov5's validation imports where yolov5 is not installed (the yolo tests then install it
+# without its pins: its huggingface-hub<0.25 conflicts with rfdetr's transformers)
 TEST_EXTRAS = ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "timm>=0.9", "tqdm", "psutil", "pip", "pycocotools",
-               "setuptools>=77", "jsonschema>=4"]
+               "setuptools>=77", "jsonschema>=4", "pandas", "seaborn"]
 # what the suite reads from the checkout besides tests/ (examples run as scripts, docs checked against the code)
 STAGED = ("tests", "examples", "docs", "benchmarks", "scripts", "pyproject.toml", "README.md")
 
@@ -48,8 +50,10 @@ COMBINATIONS = {
     "py39-torch20": ("3.9", ["torch==2.0.1", "torchvision==0.15.2", "numpy<2"],
                      ["python-doctr[torch]==0.10.0", "ultralytics==8.0.239", "pytorch-lightning==1.9.5",
                       "torchmetrics==0.11.4", "lightning-utilities==0.9.0"], ["oldest"]),
+    # yolov5 7.0.14 (the yolo patch's YOLOv5 target): torch 2.2 / numpy < 2 era; its pkg_resources needs setuptools<81
     "py310-torch22": ("3.10", ["torch==2.2.2", "torchvision==0.17.2", "numpy<2"],
-                      ["colossalai==0.3.6", "python-doctr==0.11.0", "ultralytics<8.2"], []),
+                      ["colossalai==0.3.6", "python-doctr==0.11.0", "ultralytics<8.2", "yolov5==7.0.14",
+                       "setuptools>=77,<81"], []),
     "py311-torch25": ("3.11", ["torch==2.5.1", "torchvision==0.20.1"],
                       ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics<8.4"], []),
     "py311-torch214": ("3.11", ["torch==2.14.1", "torchvision==0.29.1"],
@@ -58,8 +62,8 @@ COMBINATIONS = {
     "py313-torch215": ("3.13", ["torch==2.15.0", "torchvision==0.29.2"],
                        ["python-doctr==0.11.0", "rfdetr==1.5.2", "ultralytics>=8.3"], ["newest"]),
 }
-REPORTED = ("torch", "torchvision", "numpy", "python-doctr", "rfdetr", "ultralytics", "colossalai", "timm", "wrapt",
-            "packaging", "pytorch-lightning", "transformers", "accelerate")
+REPORTED = ("torch", "torchvision", "numpy", "python-doctr", "rfdetr", "ultralytics", "yolov5", "colossalai", "timm",
+            "wrapt", "packaging", "pytorch-lightning", "transformers", "accelerate")
 
 _wheel = _tree = _provenance = None
 

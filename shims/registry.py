@@ -20,6 +20,7 @@ PATCH_MODULES = (
     "detr",         # model.half() in fp16_eval evaluation (RF-DETR <= 1.5, LW-DETR)
     "ddp",          # find_unused_parameters=True policy (DAMO-YOLO, any DDP)
     "colossalai",   # gradient-reduction tensor hooks fired by autograd.grad (ColossalAI #5601)
+    "yolo",         # model.half() on the live EMA in validation (ultralytics < 8.4.62 #24615, YOLOv5, YOLOv7)
 )
 
 GROUP = "shims.patches"

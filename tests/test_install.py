@@ -103,7 +103,7 @@ def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_packag
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"shims", wheel.name.split("-")[0] + "-" +
                                                 wheel.name.split("-")[1] + ".dist-info"}
-    for patch in ("doctr", "detr", "ddp", "colossalai"):
+    for patch in ("doctr", "detr", "ddp", "colossalai", "yolo"):
         assert f"shims/patches/{patch}.py" in names
     assert "shims/startup/bootstrap/sitecustomize.py" in names
     target = tmp_path / "site"
@@ -116,4 +116,4 @@ def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_packag
          " sorted(shims.status()['patches']))", str(target)] + [p for p in sys.path if "site-packages" in p],
         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=clean_env(PYTHONPATH=""))
     assert check.returncode == 0, check.stderr
-    assert check.stdout.split() == ["True", "True", "['colossalai',", "'ddp',", "'detr',", "'doctr']"], check.stdout
+    assert check.stdout.split() == ["True", "True", "['colossalai',", "'ddp',", "'detr',", "'doctr',", "'yolo']"], check.stdout

@@ -48,12 +48,17 @@ def _colossalai(root):
     return ["colossalai.zero.low_level.low_level_optim", "colossalai.zero.gemini.gemini_ddp"], {}
 
 
+def _yolo(root):
+    shutil.copy(os.path.join(PATCHES, "yolo", "yolov7_reference.py"), root / "yolov7_test.py")
+    return ["yolov7_test"], {"SHIMS_YOLO_SITES": "yolov7_test:test"}
+
+
 def _ddp(root):
     return ["torch.nn.parallel.distributed"], {}
 
 
 # patch -> how to lay out its target modules in a folder: (modules to import, SHIMS_* options)
-LAYOUTS = {"detr": _detr, "doctr": _doctr, "colossalai": _colossalai, "ddp": _ddp}
+LAYOUTS = {"detr": _detr, "doctr": _doctr, "colossalai": _colossalai, "ddp": _ddp, "yolo": _yolo}
 
 # what each patch declares in those modules, at least (a patch that lost a target fails here)
 DECLARED = {
@@ -63,6 +68,7 @@ DECLARED = {
                    "colossalai.zero.low_level.low_level_optim:LowLevelZeroOptimizer.zero_grad",
                    "colossalai.zero.gemini.gemini_ddp:GeminiDDP.grad_handle"},
     "ddp": {"torch.nn.parallel.distributed:DistributedDataParallel.__init__"},
+    "yolo": {"yolov7_test:test"},
 }
 
 

@@ -14,7 +14,7 @@ from shims.patch import Patch, Target
 from tests.conftest import clean_env, run_python, write
 
 TIMEOUT = 120
-REAL_PATCHES = ("doctr", "detr", "ddp", "colossalai")
+REAL_PATCHES = ("doctr", "detr", "ddp", "colossalai", "yolo")
 
 
 @pytest.fixture(scope="module")

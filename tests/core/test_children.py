@@ -123,7 +123,7 @@ def test_disable_gives_the_environment_back_and_enable_reads_the_users_environme
         shims.enable(patches=["doctr"], strict=True)
         assert os.environ["SHIMS_PATCHES"] == "doctr" and os.environ["SHIMS__BOOT"] == "1"
         shims.enable()  # the user's environment again (SHIMS_DISABLE=ddp), not what the first call exported
-        assert engine.get().config.patches == ("doctr", "detr", "colossalai") and not engine.get().config.strict
+        assert engine.get().config.patches == ("doctr", "detr", "colossalai", "yolo") and not engine.get().config.strict
         shims.disable()
         assert {k: v for k, v in os.environ.items() if k.startswith("SHIMS_")} == {"SHIMS_DISABLE": "ddp"}
     finally:
