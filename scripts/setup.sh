@@ -14,6 +14,8 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, the pair this machine keeps on local disk (a CUDA build that runs on the CPU)
   .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+  # an environment set up before the distribution was named torch-shims still has its editable `shims`: drop it
+  .venv/bin/python -m pip uninstall -q -y shims >/dev/null 2>&1 || true
   .venv/bin/python -m pip install -q -e ".[test,frameworks]"
   echo "$WANT" > "$STAMP"
 fi

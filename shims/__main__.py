@@ -119,7 +119,12 @@ def build_parser(width=None) -> argparse.ArgumentParser:
                 words.append(f"[{action.option_strings[0]}]")
             else:
                 words.append(f"[{action.option_strings[0]} {action.metavar or action.dest.upper()}]")
-        p.usage = " ".join([prog, name, "[-h]", *words, "[--] COMMAND [ARGS ...]"])
+        # wrapped to the width as argparse wraps its own usage: continuation lines under the first option
+        import textwrap
+        head = f"{prog} {name} "
+        p.usage = textwrap.fill(" ".join(["[-h]", *words, "[--] COMMAND [ARGS ...]"]), width=max(width - 7, 40),
+                                initial_indent=head, subsequent_indent=" " * (len(head) + 7),
+                                break_long_words=False, break_on_hyphens=False)
 
     usage_of(command_parser("run", "run COMMAND with the patches enabled, as it runs without shims; the processes it "
                    "starts (spawn children, DataLoader workers, torchrun or accelerate workers) too"), "run")

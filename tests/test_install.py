@@ -104,7 +104,7 @@ def test_the_wheel_installs_patches_as_shims_patches_never_as_a_top_level_packag
     assert {n.split("/")[0] for n in names} == {"shims", wheel.name.split("-")[0] + "-" +
                                                 wheel.name.split("-")[1] + ".dist-info"}
     for patch in ("doctr", "detr", "ddp", "colossalai", "yolo"):
-        assert f"shims/patches/{patch}.py" in names
+        assert f"shims/patches/{patch}.py" in names or f"shims/patches/{patch}/__init__.py" in names
     assert "shims/startup/bootstrap/sitecustomize.py" in names
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
