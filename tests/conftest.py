@@ -17,6 +17,14 @@ if TESTS not in sys.path:
     sys.path.insert(0, TESTS)
 
 
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a gloo rendezvous of ranks started by a test)."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _patches_importable():
     """A source checkout on PYTHONPATH (the matrix environments under /work/envs) has no `shims.patches` until the
     registry maps patches/ onto it; tests import `shims.patches.X` at collection, so map it now."""

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, clean_env
+from tests.conftest import REPO, clean_env
 
 SCRIPT = os.path.join(REPO, "scripts", "gpu_check.sh")
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,

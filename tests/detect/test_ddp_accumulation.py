@@ -17,7 +17,7 @@ from torch import nn
 import shims
 from shims import engine
 from tests.conftest import marker_line
-from tests.patches.ddp.workers import free_port
+from tests.conftest import free_port
 
 MICRO = 3
 STEPS = 4
@@ -51,7 +51,7 @@ def train(use_no_sync):
     return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
 
 
-def observe(use_no_sync):
+def observe_accumulation(use_no_sync):
     engine.reset()  # each run reports its own findings
     shims.enable(patches="none", mode="detect")
     try:
@@ -63,7 +63,7 @@ def observe(use_no_sync):
 
 
 def test_accumulation_without_no_sync_is_found_with_count_cost_and_fix(one_rank):
-    _, findings = observe(use_no_sync=False)
+    _, findings = observe_accumulation(use_no_sync=False)
     (finding,) = findings
     assert finding["where"] == marker_line(__file__, "micro-synced")
     assert finding["count"] == STEPS
@@ -73,7 +73,7 @@ def test_accumulation_without_no_sync_is_found_with_count_cost_and_fix(one_rank)
 
 
 def test_the_fix_followed_is_silent_and_trains_the_same_weights(one_rank):
-    as_written, _ = observe(use_no_sync=False)
-    followed, findings = observe(use_no_sync=True)
+    as_written, _ = observe_accumulation(use_no_sync=False)
+    followed, findings = observe_accumulation(use_no_sync=True)
     assert findings == []
     assert all(torch.equal(as_written[k], followed[k]) for k in as_written)

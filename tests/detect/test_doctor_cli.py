@@ -17,7 +17,7 @@ import re
 import pytest
 
 from tests.conftest import REPO, clean_env, run_python, write
-from tests.patches.ddp.workers import free_port
+from tests.conftest import free_port
 from tests.detect.conftest import DEMO, line_with
 
 DOCS = os.path.join(REPO, "docs", "detect.md")

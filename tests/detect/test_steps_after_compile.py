@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from conftest import SOURCE
+from tests.conftest import SOURCE
 
 SCRIPT = r"""
 import json, torch

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -152,12 +151,6 @@ def write_damo_layout(root):
 # ---------------------------------------------------------------------------------------------------- launching
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Ranks:
     """What the ranks of one launch left behind: returncodes, stdout/stderr, rank{R}.json, and the out folder."""
 
@@ -188,6 +181,7 @@ def launch(scenario, out, *, envs, args=(), timeout=150, world=2, script="worker
     """Run `world` ranks of SCENARIO (of `script`, in this folder), rank r with environment envs[r]; kill them all
     when `timeout` passes."""
     os.makedirs(out, exist_ok=True)
+    from tests.conftest import free_port  # here, in the launching test process (ranks never import it)
     port = free_port()
     procs = []
     for rank in range(world):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -45,15 +44,10 @@ def uninstall_upstream():
         sys.modules.pop(upstream, None)
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(module_args, env, world=2, timeout=240):
     """Run `python -m <module_args...>` as `world` gloo ranks on 127.0.0.1 with a hard timeout (both are killed when
     it passes). Returns [(returncode, stdout, stderr)] per rank; raises AssertionError on a timeout."""
+    from tests.conftest import free_port  # here, in the launching test process (ranks never import it)
     port = free_port()
     procs = []
     for rank in range(world):
