@@ -16,7 +16,7 @@ The patch: `evaluate_without_half` (built by `replace_evaluate`) calls the origi
          shape (checked by `read_fp16_eval_shape`) are wrapped. Docs: docs/patches/detr.md.
 """
 
-from shims.patch import Option, Patch, Skip, Target
+from shims.patch import Option, Patch, Skip, Target, function_def
 
 RFDETR_FIXED_IN = "1.6"  # Lightning training: fp16_eval has no effect (deprecated by rf-detr PR #1471)
 # below 1.6 the function's shape decides (read_fp16_eval_shape); checked in the 1.4.3 and 1.5.2 wheels
@@ -101,24 +101,8 @@ def read_fp16_eval_shape(func):
     the blocks hold only `.half()` / `.float()` conversions; at least one converts a parameter (the model) in place.
     """
     import ast
-    import inspect
-    import textwrap
-    import types
 
-    unwrapped = inspect.unwrap(func)  # LW-DETR decorates evaluate with @torch.no_grad()
-    if not isinstance(unwrapped, types.FunctionType):
-        raise Skip(f"{func!r} is not a Python function")
-    try:
-        lines, first = inspect.getsourcelines(unwrapped)
-    except (OSError, TypeError) as exc:
-        raise Skip(f"source of {unwrapped.__qualname__} is not available: {exc}") from None
-    tree = ast.parse(textwrap.dedent("".join(lines)))
-    ast.increment_lineno(tree, first - 1)
-    node = tree.body[0] if tree.body else None
-    if not isinstance(node, ast.FunctionDef) or node.name != unwrapped.__name__:
-        raise Skip(f"source of {unwrapped.__qualname__} does not start with its def")
-    args = node.args
-    params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+    unwrapped, node, params = function_def(func)  # LW-DETR decorates evaluate with @torch.no_grad()
     filename = unwrapped.__code__.co_filename
 
     flag_tests, flag_holders, conversions = set(), set(), []

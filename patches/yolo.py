@@ -20,7 +20,7 @@ The patch: `validate_in_float32` (built by `replace_validation`) runs the origin
          functions whose source calls `model.half()` are wrapped (`read_half_calls`). Docs: docs/patches/yolo.md.
 """
 
-from shims.patch import Option, Patch, Skip, Target
+from shims.patch import Option, Patch, Skip, Target, function_def
 
 ULTRALYTICS_FIXED_IN = "8.4.62"  # PR #24731: weights stay float32, inference and loss under autocast
 ULTRALYTICS_SUPPORTED = ">=8.0"
@@ -52,23 +52,8 @@ def read_half_calls(func):
     """(file, [(line, text)]) of the `model.half()` calls in `func`'s source; raises Skip when there is none or when
     the function lacks what the replacement needs (a `model` or `trainer` parameter)."""
     import ast
-    import inspect
-    import textwrap
-    import types
 
-    unwrapped = inspect.unwrap(func)  # ultralytics and YOLOv5 decorate with smart_inference_mode()
-    if not isinstance(unwrapped, types.FunctionType):
-        raise Skip(f"{func!r} is not a Python function")
-    try:
-        lines, first = inspect.getsourcelines(unwrapped)
-    except (OSError, TypeError) as exc:
-        raise Skip(f"source of {unwrapped.__qualname__} is not available: {exc}") from None
-    tree = ast.parse(textwrap.dedent("".join(lines)))
-    ast.increment_lineno(tree, first - 1)
-    node = tree.body[0] if tree.body else None
-    if not isinstance(node, ast.FunctionDef):
-        raise Skip(f"source of {unwrapped.__qualname__} does not start with its def")
-    params = {a.arg for a in node.args.posonlyargs + node.args.args + node.args.kwonlyargs}
+    unwrapped, node, params = function_def(func)  # ultralytics and YOLOv5 decorate with smart_inference_mode()
     needed = "trainer" if _takes_trainer(unwrapped) else MODEL
     if needed not in params:
         raise Skip(f"{unwrapped.__qualname__} has no `{needed}` parameter: not a training-time validator")

@@ -29,6 +29,30 @@ class Skip(Exception):
         self.status = status
 
 
+def function_def(func):
+    """(the function under its decorators, its `def` parsed with the file's line numbers, its parameter names) for a
+    patch that checks a target's shape in its source; raises Skip when `func` is no Python function or its source is
+    not readable. The imports are local: this module is loaded by `import shims.auto`."""
+    import ast
+    import inspect
+    import textwrap
+    import types
+    unwrapped = inspect.unwrap(func)  # decorated validators and evaluators (no_grad, smart_inference_mode)
+    if not isinstance(unwrapped, types.FunctionType):
+        raise Skip(f"{func!r} is not a Python function")
+    try:
+        lines, first = inspect.getsourcelines(unwrapped)
+    except (OSError, TypeError) as exc:
+        raise Skip(f"source of {unwrapped.__qualname__} is not available: {exc}") from None
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    ast.increment_lineno(tree, first - 1)
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name != unwrapped.__name__:
+        raise Skip(f"source of {unwrapped.__qualname__} does not start with its def")
+    args = node.args
+    return unwrapped, node, {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+
+
 class Option:
     """A per-patch setting read from `SHIMS_<PATCH>_<NAME>` (validated in `shims.config`).
 

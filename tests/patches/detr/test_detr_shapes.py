@@ -123,7 +123,7 @@ def test_fingerprint_wraps_only_the_fp16_eval_half_shape(shape, tmp_path, monkey
 
 
 def test_bad_dtype_option_names_the_valid_choices():
-    with pytest.raises(ShimsConfigError, match="SHIMS_DETR_DTYPE='float8'.*auto, float16, bfloat16, float32"):
+    with pytest.raises(ShimsConfigError, match=r"SHIMS_DETR_DTYPE': 'float8'.*auto, float16, bfloat16, float32"):
         shims.enable(patches=["detr"], options={"SHIMS_DETR_DTYPE": "float8"})
 
 
