@@ -49,7 +49,8 @@ STAGED = ("tests", "examples", "docs", "benchmarks", "scripts", "pyproject.toml"
 COMBINATIONS = {
     "py39-torch20": ("3.9", ["torch==2.0.1", "torchvision==0.15.2", "numpy<2"],
                      ["python-doctr[torch]==0.10.0", "ultralytics==8.0.239", "pytorch-lightning==1.9.5",
-                      "torchmetrics==0.11.4", "lightning-utilities==0.9.0"], ["oldest"]),
+                      "torchmetrics==0.11.4", "lightning-utilities==0.9.0",
+                      "setuptools>=77,<81"], ["oldest"]),  # lightning-utilities 0.9 imports pkg_resources (gone in 81)
     # yolov5 7.0.14 (the yolo patch's YOLOv5 target): torch 2.2 / numpy < 2 era; its pkg_resources needs setuptools<81
     "py310-torch22": ("3.10", ["torch==2.2.2", "torchvision==0.17.2", "numpy<2"],
                       ["colossalai==0.3.6", "python-doctr==0.11.0", "ultralytics<8.2", "yolov5==7.0.14",
