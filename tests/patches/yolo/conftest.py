@@ -19,17 +19,20 @@ BUGGY, FIXED = "8.4.61", "8.4.62"  # the last release with `model.half()` in the
 
 
 def cpu_float16(autocast):
-    """Whether this torch runs a Conv2d in float16 on the CPU: under autocast (`autocast=True`) or on a model cast
-    with .half() (the unpatched validator's path)."""
+    """Whether this torch runs a Conv2d in float16 on the CPU under autocast (`autocast=True`), or, on a model cast
+    with .half() (the unpatched validator's path), a Conv2d and then a nearest upsample of its channels-last output
+    (a YOLO neck; torch 2.2's CPU build has no float16 kernel for that upsample)."""
     import torch
     conv = torch.nn.Conv2d(3, 4, 3)
+    upsample = torch.nn.Upsample(scale_factor=2, mode="nearest")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if autocast:
                 with torch.autocast("cpu", dtype=torch.float16):
                     return conv(torch.ones(1, 3, 8, 8)).dtype == torch.float16
-            return conv.half()(torch.ones(1, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
+            out = conv.half()(torch.ones(1, 3, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last))
+            return out.dtype == torch.float16 and upsample(out).dtype == torch.float16
     except (RuntimeError, NotImplementedError):
         return False
 
@@ -38,7 +41,8 @@ def needs_cpu_half():
     """skipif marker: the unpatched half path (a float16 model on the CPU) cannot run on this torch."""
     import torch
     return pytest.mark.skipif(not cpu_float16(autocast=False), reason=(
-        f"torch {torch.__version__} has no float16 Conv2d on the CPU: the unpatched half path cannot run here"))
+        f"torch {torch.__version__} lacks a float16 CPU kernel a YOLO model runs (Conv2d, or nearest upsample in "
+        "channels-last): the unpatched half path cannot run here"))
 
 
 def release(version):
