@@ -3,9 +3,9 @@ where frameworks build DDP for the user.
 
 Target   `torch.nn.parallel.DistributedDataParallel.__init__` (torch >= 2.0, checked on 2.0.1 and 2.14.1 with gloo), so
          every alias and every subclass calling `super().__init__` goes through it: they are one class object.
-Why      YOLO-style trainers hard-code `find_unused_parameters=True` (DAMO-YOLO `build_ddp_model`, issue #153), and
-         so do the frameworks most DDP users train with: the transformers Trainer for any model without gradient
-         checkpointing (issue #9802), Lightning 1.x's DDP strategies (default False only from 2.0, PR #16611). Every
+Why      YOLO-style trainers hard-code `find_unused_parameters=True` (DAMO-YOLO `build_ddp_model`,
+         tinyvision/DAMO-YOLO#153), and so do the frameworks most DDP users train with: the transformers Trainer for
+         any model without gradient checkpointing (transformers issue #9802), Lightning 1.x's DDP strategies (default False only from 2.0, PR #16611). Every
          iteration it costs a walk of the autograd graph after forward, an all-reduce of an int32[num_params] map,
          and buckets that are never rebuilt in gradient order; the flag is only needed when some parameter can get
          no gradient. Turning it off blindly is not safe: ultralytics did (v8.4.49, PR #24413) and got hangs and

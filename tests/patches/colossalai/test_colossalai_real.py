@@ -5,7 +5,7 @@ The sdists are fetched once with `pip download colossalai==V --no-deps` into $CO
 (tests/patches/colossalai/reference/real.py); nothing is installed. Without network access to PyPI the tests skip
 and say so.
 2 gloo ranks, ZeRO-2 (partition_grad=True, reduce-scatter), bucket of 40 elements, the VQGAN loss of
-reference/vqgan.py, 3 steps. Expected: 0.3.6 unpatched crashes on a None gradient (issue #5601);
+reference/vqgan.py, 3 steps. Expected: 0.3.6 unpatched crashes on a None gradient (ColossalAI issue #5601);
 0.3.6 patched, 0.3.7 as released, and the single-process reference all end with bitwise-equal parameters.
 On older torches: 0.3.7 calls register_post_accumulate_grad_hook (torch 2.1+), so its scenarios are left out where
 that hook does not exist; where gloo has no reduce_scatter (torch < ~2.6) the ranks stand in for it with all_reduce
