@@ -20,7 +20,8 @@ import sys
 import xml.etree.ElementTree as ET
 
 BEGIN, END = "<!-- matrix-table:begin -->", "<!-- matrix-table:end -->"
-FRAMEWORKS = ("python-doctr", "rfdetr", "ultralytics", "colossalai")
+FRAMEWORKS = ("python-doctr", "rfdetr", "ultralytics", "yolov5", "colossalai", "pytorch-lightning", "transformers",
+              "accelerate")
 
 
 def version_key(text):

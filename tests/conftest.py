@@ -64,10 +64,22 @@ def clean_shims(monkeypatch):
         os.environ["PYTHONPATH"] = saved_pythonpath
 
 
+# variables a framework sets in os.environ when it is imported, and that would then reach every child a later test
+# starts: ultralytics (utils/__init__.py) sets TORCH_CPP_LOG_LEVEL=ERROR, which silences the C++ warnings of torch
+# (DDP's "did not find any unused parameters" among them) in every rank a DDP test launches after it
+IMPORT_LEAKS = ("TORCH_CPP_LOG_LEVEL", "KINETO_LOG_LEVEL", "TF_CPP_MIN_LOG_LEVEL", "NUMEXPR_MAX_THREADS")
+STARTUP_ENV = {k: os.environ[k] for k in IMPORT_LEAKS if k in os.environ}
+
+
 def clean_env(**extra):
-    """os.environ without SHIMS_* and the shims bootstrap (PYTHONPATH = repo and tests/), plus `extra` (values
-    converted to str)."""
+    """os.environ without SHIMS_* and the shims bootstrap (PYTHONPATH = repo and tests/), with the variables of
+    IMPORT_LEAKS as the suite started, plus `extra` (values converted to str)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHIMS_") and not k.startswith("PYTEST_")}
+    for key in IMPORT_LEAKS:
+        if key in STARTUP_ENV:
+            env[key] = STARTUP_ENV[key]
+        else:
+            env.pop(key, None)
     env["PYTHONPATH"] = os.pathsep.join([REPO, TESTS])  # never the shims bootstrap: a child starts clean
     env["PYTHONUNBUFFERED"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
