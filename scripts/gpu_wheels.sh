@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Download, here, the wheels that scripts/gpu_check.sh installs on the CUDA machine, into .whl/ (git-ignored; copy it
-# with the working tree). That machine (nvidia-h200) has Python 3.12, torch 2.11, torchvision 0.26,
+# with the working tree). The CUDA machine it was prepared for has Python 3.12, torch 2.11, torchvision 0.26,
 # numpy, scipy, h5py, opencv-python-headless, timm, transformers 5.x and huggingface_hub 1.x, and reaches no registry.
 # What the benchmarks and tests import beyond that (traced with sys.modules after a run here) is listed below, pinned
 # to the versions this project's .venv runs together; transformers 4.57, tokenizers 0.22 and huggingface_hub 0.36
 # replace the image's newer ones on PYTHONPATH, since rfdetr 1.5.2 needs transformers < 5 and python-doctr 0.11.0
-# huggingface_hub < 1 (transformers checks its pins at import). About 37 MB in all: under the 64 MiB the check was sized for.
+# huggingface_hub < 1 (transformers checks its pins at import). About 37 MB in all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(

@@ -58,9 +58,13 @@ def test_dry_run_runs_each_stage_records_a_timeout_and_writes_one_results_file(t
 
     tests = stages["tests_cuda"]["tests"]
     assert stages["tests_cuda"]["status"] == "ok" and tests["failed"] == tests["errors"] == 0
-    with open(os.path.join(REPO, "tests", "detect", "test_cuda.py")) as f:
-        count = f.read().count("\ndef test_")
-    assert count >= 2 and tests["passed"] + tests["skipped"] == count  # every test of tests/detect/test_cuda.py
+    # every test of tests/detect/test_cuda.py and the test_cuda_* tests of test_accelerator.py and test_profile.py
+    files = [os.path.join("tests", "detect", name) for name in ("test_cuda.py", "test_accelerator.py", "test_profile.py")]
+    listed = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+                             *files, "-k", "test_cuda"], cwd=REPO, capture_output=True, text=True, timeout=120).stdout
+    ids = [line for line in listed.splitlines() if "::" in line]
+    assert {i.split("::")[0] for i in ids} == set(files), listed
+    assert tests["passed"] + tests["skipped"] == len(ids)
 
     doctr = stages["doctr"]
     assert doctr["status"] == "ok", doctr.get("log_tail")

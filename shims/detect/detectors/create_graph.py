@@ -1,7 +1,7 @@
 """torch.autograd.grad(..., create_graph=True) whose graph of derivatives no later backward uses.
 
-    create-graph-unused   the derivatives were needed as values only (the speed article's PINN case: a derivative
-                          computed for a residual that is logged, plotted or checked), yet create_graph=True built and
+    create-graph-unused   the derivatives were needed as values only (a physics-informed residual, say, that is
+                          logged, plotted or checked but never backpropagated), yet create_graph=True built and
                           kept a second autograd graph, and (retain_graph defaults to create_graph) the forward's too
 
 Watches: torch.autograd.grad calls with create_graph=True made by user or framework code (session.on_autograd_grad:
@@ -32,7 +32,7 @@ class CreateGraph(Detector):
         'create-graph-unused': (
             '`torch.autograd.grad(..., create_graph=True)` whose graph of derivatives no later backward (or '
             'autograd.grad) went through before it was freed or the run ended: the derivatives were needed as values '
-            "only (the speed article's PINN case); silent when a loss built from them is backpropagated (gradient "
+            "only (a residual that is logged or checked, never backpropagated); silent when a loss built from them is backpropagated (gradient "
             'penalty, PINN residual loss, a second derivative taken from the first)',
             'calls',
             "measured on the first call at that line: bytes that graph saves beyond the forward graph's; the call's "
