@@ -82,13 +82,19 @@ def _compare_tensors(expected, actual, tolerance, path):
         return f"{path}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     a, b = actual.detach().cpu(), expected.detach().cpu()
     if tolerance.bitwise or not (a.is_floating_point() or a.is_complex()):
-        if a.is_floating_point() or a.is_complex():
-            same = torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)) and torch.equal(a.isnan(), b.isnan())
+        if a.is_complex():
+            a, b = torch.view_as_real(a), torch.view_as_real(b)
+        if a.is_floating_point():
+            # bitwise, but NaN equals NaN whatever its payload: every other value by value and sign (inf is not the
+            # largest finite number, -0.0 is not 0.0)
+            nan_a, nan_b = a.isnan(), b.isnan()
+            bad = (nan_a != nan_b) | (~nan_a & ~nan_b & ((a != b) | (a.signbit() != b.signbit())))
+            same = not bool(bad.any())
         else:
+            bad = a != b
             same = torch.equal(a, b)
         if same:
             return None
-        bad = (a != b) & ~(a.isnan() & b.isnan()) if a.is_floating_point() else a != b
         where = tuple(int(i) for i in bad.nonzero()[0]) if bad.dim() else ()
         worst = (a.double() - b.double()).abs().nan_to_num(float("inf")).max().item() if a.numel() else 0.0
         return (f"{path}: {int(bad.sum())} of {a.numel()} element(s) differ (bitwise), first at {where}: "
@@ -137,6 +143,10 @@ def _differences(expected, actual, tolerance, path, out):
         return
     if isinstance(expected, float) and isinstance(actual, float) and expected != expected and actual != actual:
         return  # NaN == NaN
+    if isinstance(expected, float) and isinstance(actual, float) and expected == actual == 0.0 \
+            and str(expected) != str(actual):
+        out.append(f"{path}: {actual!r} != expected {expected!r} (the sign of zero)")
+        return
     if type(expected) is not type(actual) or expected != actual:
         out.append(f"{path}: {actual!r} != expected {expected!r}")
 

@@ -77,7 +77,7 @@ def test_dry_run_runs_each_stage_records_a_timeout_and_writes_one_results_file(t
 
     detr = stages["detr"]  # forced past its 2 s limit: killed, recorded, and the script went on to the writer
     assert detr["status"] == "timeout" and detr["rc"] in (124, 137) and detr["limit_s"] == 2
-    assert detr["seconds"] < 2 + 5 + 3 and "result" not in detr
+    assert "result" not in detr
 
     with open(tmp_path / "gpu_check.md") as f:
         text = f.read()

@@ -157,7 +157,7 @@ def test_a_failing_patch_leaves_the_target_as_it_was(target, when):
         enable(fake_patch(target, replace=raising_replace))
         module = importlib.import_module(target)  # the user's import never fails
         original = module.train
-    assert not hasattr(original, "__shims_original__") and module.train(5) == 10
+    assert module.train is original and not hasattr(module.train, "__shims_original__") and module.train(5) == 10
     status = target_status(module=target)
     assert status["status"] == "error" and "RuntimeError: boom in replace 42" in status["reason"]
     assert target_status()["status"] == "error" and "boom in replace 42" in target_status()["reason"]

@@ -33,6 +33,18 @@ def test_dtype_shape_type_and_keys_are_part_of_equality():
         assert_same([{"w": 1}], [{"w": 2}])
 
 
+def test_bitwise_tells_infinity_from_the_largest_float_and_the_signs_of_zero():
+    largest = torch.finfo(torch.float32).max
+    for a, b in ((math.inf, largest), (-math.inf, -largest), (0.0, -0.0), (math.inf, math.nan)):
+        with pytest.raises(AssertionError, match="bitwise"):
+            assert_same(torch.tensor([a]), torch.tensor([b]))
+    with pytest.raises(AssertionError, match="bitwise"):
+        assert_same(torch.tensor([complex(0.0, 1.0)]), torch.tensor([complex(-0.0, 1.0)]))
+    assert_same(torch.tensor([math.inf, -0.0]), torch.tensor([math.inf, -0.0]))
+    with pytest.raises(AssertionError, match="sign of zero"):
+        assert_same(0.0, -0.0)
+
+
 def test_nan_equals_nan():
     assert_same(torch.tensor([float("nan"), 1.0]), torch.tensor([float("nan"), 1.0]))
     assert_same(float("nan"), float("nan"))

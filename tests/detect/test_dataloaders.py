@@ -3,6 +3,7 @@ for accelerator tensors."""
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shims.detect.detectors import dataloaders
 from tests.detect.conftest import by_kind, line_of, observe
 
 
@@ -34,7 +36,11 @@ def train_from(loader):
         optimizer.step()
 
 
-def test_dataloader_without_workers_or_pinning_is_found(tensors_count_as_on_an_accelerator):
+def test_dataloader_without_workers_or_pinning_is_found(tensors_count_as_on_an_accelerator, monkeypatch):
+    # whether the measured wait is worth reporting is a comparison of two timings: taken out of the pass/fail here
+    # (any wait counts), and checked on its own below
+    monkeypatch.setattr(dataloaders, "LOADER_WAIT_SHARE", 0.0)
+
     def run():
         loader = torch.utils.data.DataLoader(SlowDataset(), batch_size=2)  # plain loader
         train_from(loader)
@@ -44,6 +50,14 @@ def test_dataloader_without_workers_or_pinning_is_found(tensors_count_as_on_an_a
         ("dataloader-workers", line_of("plain loader"), 8)]
     workers = by_kind(findings)[("dataloader-workers", line_of("plain loader"))]
     assert "waiting for each batch (measured)" in workers["cost"]
+
+
+def test_a_wait_below_the_reporting_share_is_not_a_workers_finding(tensors_count_as_on_an_accelerator, monkeypatch):
+    monkeypatch.setattr(dataloaders, "LOADER_WAIT_SHARE", math.inf)  # no wait reaches it: only the pinning is left
+
+    def run():
+        train_from(torch.utils.data.DataLoader(SlowDataset(), batch_size=2))  # quick enough
+    assert [(f["kind"], f["where"]) for f in observe(run)] == [("dataloader-pin-memory", line_of("quick enough"))]
 
 
 def test_dataloader_with_workers_and_pinning_has_no_findings(tensors_count_as_on_an_accelerator):

@@ -90,10 +90,18 @@ def test_findings_ranked_by_cost_with_numeric_fields_and_the_code_fix_first(demo
 
 
 def saved_activations_are_measurable():
+    """Whether this torch's graph nodes show the tensors they saved (`_raw_saved_*` with `.data`): asked of torch
+    itself, not of shims' function that the test checks."""
     import torch
-    from shims.detect.graphs import saved_activation_bytes
     x = torch.randn(4, 4, requires_grad=True)
-    return saved_activation_bytes([(x * x).grad_fn], set()) > 0
+    node = (x * x).grad_fn
+    for name in (a for a in dir(node) if a.startswith("_raw_saved_")):
+        try:
+            if isinstance(getattr(node, name).data, torch.Tensor):
+                return True
+        except Exception:  # noqa: BLE001 - a torch without .data on its saved tensors
+            continue
+    return False
 
 
 def test_shims_ignore_suppresses_exactly_its_finding_and_counts_it(demo):

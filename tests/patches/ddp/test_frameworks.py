@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 
 import pytest
 
@@ -139,7 +140,8 @@ def test_doctor_finding_at_the_users_line_with_site_key_framework_line_and_knob(
         assert finding["site"] == f"ddp:transformers-trainer@{train_line}"
         assert finding["knob"] == TRAINER_KNOB and finding["fix"].startswith(TRAINER_KNOB)
         assert "transformers/trainer.py:" in finding["decided_at"]
-        assert finding["built_at"].endswith(".py:" + finding["built_at"].rsplit(":", 1)[1])
+        # DDP is built by the framework (transformers 4.x: accelerate's prepare; older: the Trainer itself)
+        assert re.search(r"(accelerate/accelerator|transformers/trainer)\.py:\d+$", finding["built_at"]), finding
         assert set(finding["ranks"]) == {"0", "1"}
     assert findings[0][0]["message"] == findings[1][0]["message"]  # the same finding on both ranks: one to merge
 

@@ -12,7 +12,8 @@ import torch
 import shims
 from tests.conftest import clean_env, run_python, write
 from tests.patches.detr.test_detr import (  # rfdetr_setup, rfdetr_unpatched: fixtures
-    CPU_AUTOCAST_FLOAT16_MISSING, REFERENCE, assert_optimizer_unchanged, assert_state_unchanged, cpu_float16_missing,
+    CPU_AUTOCAST_FLOAT16_MISSING, REFERENCE, assert_optimizer_unchanged, assert_same_batches, assert_state_unchanged,
+    cpu_float16_missing,
     detr_record, enable_detr, float16_autocast_bound, fresh_rfdetr, max_deviation, optimizer_state_copy, ref,
     rfdetr_setup, rfdetr_unpatched, run_rfdetr, state_copy)
 
@@ -126,7 +127,7 @@ def test_rfdetr_patched_keeps_model_and_matches_float32(rfdetr_setup):
     assert_state_unchanged(model, before)
     assert_optimizer_unchanged(optimizer, opt_before)
     assert not recorder.graph_built
-    assert max_deviation(recorder.batches, rfdetr_setup["float32_outputs"]) == 0.0  # bitwise on CPU
+    assert_same_batches(recorder.batches, rfdetr_setup["float32_outputs"])  # bitwise on CPU
     assert seen == {torch.float32}
     assert len(stats["coco_eval_bbox"]) == 12 and all(-1 <= v <= 1 for v in stats["coco_eval_bbox"])
     record = detr_record()
