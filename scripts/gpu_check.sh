@@ -90,7 +90,8 @@ else
   echo "not run: --no-install or a CPU dry run (the environment's own packages are used)" > "$WORK/install.skip"
 fi
 stage env 45 "$PYTHON" scripts/gpu_results.py env "$WORK/env.json"
-# the tests that skip without CUDA: test_cuda.py whole, the CUDA tests at the end of test_accelerator.py and test_profile.py
+# the tests that skip without CUDA: test_cuda.py whole, and the test_cuda_* tests of test_accelerator.py and
+# test_profile.py
 stage tests_cuda 50 "${PYTEST[@]}" --junitxml="$WORK/tests_cuda.xml" tests/detect/test_cuda.py \
   tests/detect/test_accelerator.py tests/detect/test_profile.py -k test_cuda
 stage doctr 70 "$PYTHON" benchmarks/doctr_step.py "${DOCTR[@]}" --json "$WORK/doctr.json"

@@ -25,6 +25,7 @@ torch is imported only by the functions that compare tensors; this module is nev
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -137,14 +138,13 @@ def _differences(expected, actual, tolerance, path, out):
             _differences(e, a, tolerance, f"{path}[{i}]", out)
         return
     if isinstance(expected, float) and isinstance(actual, float) and not tolerance.bitwise:
-        import math
         if not math.isclose(actual, expected, rel_tol=tolerance.rtol, abs_tol=tolerance.atol):
             out.append(f"{path}: {actual!r} != expected {expected!r} within {tolerance!r}")
         return
     if isinstance(expected, float) and isinstance(actual, float) and expected != expected and actual != actual:
         return  # NaN == NaN
     if isinstance(expected, float) and isinstance(actual, float) and expected == actual == 0.0 \
-            and str(expected) != str(actual):
+            and math.copysign(1.0, expected) != math.copysign(1.0, actual):
         out.append(f"{path}: {actual!r} != expected {expected!r} (the sign of zero)")
         return
     if type(expected) is not type(actual) or expected != actual:

@@ -59,7 +59,8 @@ def test_dry_run_runs_each_stage_records_a_timeout_and_writes_one_results_file(t
     tests = stages["tests_cuda"]["tests"]
     assert stages["tests_cuda"]["status"] == "ok" and tests["failed"] == tests["errors"] == 0
     # every test of tests/detect/test_cuda.py and the test_cuda_* tests of test_accelerator.py and test_profile.py
-    files = [os.path.join("tests", "detect", name) for name in ("test_cuda.py", "test_accelerator.py", "test_profile.py")]
+    files = [os.path.join("tests", "detect", name)
+             for name in ("test_cuda.py", "test_accelerator.py", "test_profile.py")]
     listed = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
                              *files, "-k", "test_cuda"], cwd=REPO, capture_output=True, text=True, timeout=120).stdout
     ids = [line for line in listed.splitlines() if "::" in line]

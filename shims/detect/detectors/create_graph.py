@@ -32,8 +32,8 @@ class CreateGraph(Detector):
         'create-graph-unused': (
             '`torch.autograd.grad(..., create_graph=True)` whose graph of derivatives no later backward (or '
             'autograd.grad) went through before it was freed or the run ended: the derivatives were needed as values '
-            "only (a residual that is logged or checked, never backpropagated); silent when a loss built from them is backpropagated (gradient "
-            'penalty, PINN residual loss, a second derivative taken from the first)',
+            'only (a residual that is logged or checked, never backpropagated); silent when a loss built from them is '
+            'backpropagated (gradient penalty, PINN residual loss, a second derivative taken from the first)',
             'calls',
             "measured on the first call at that line: bytes that graph saves beyond the forward graph's; the call's "
             'time (median) and share of the step',

@@ -132,7 +132,8 @@ def test_the_installed_ultralytics_is_patched_below_the_fix_and_left_alone_from_
     if installed is None:
         pytest.skip("ultralytics is not installed here")
     pytest.importorskip("ultralytics.engine.validator",
-                        reason=f"ultralytics {installed} keeps its validator in ultralytics.yolo.engine (early 8.0 releases)")
+                        reason=f"ultralytics {installed} keeps its validator in ultralytics.yolo.engine "
+                               "(early 8.0 releases)")
     receipt = shims.enable(patches=["yolo"])
     target = receipt["patches"]["yolo"]["targets"]["ultralytics.engine.validator:BaseValidator.__call__"]
     expected = "fixed-upstream" if Version(installed) >= Version(FIXED) else "applied"
